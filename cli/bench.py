@@ -1,0 +1,109 @@
+"""`cupaged bench`: speed as physics (tokens/s), with a fixed-seed synthetic workload."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import click
+import numpy as np
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'128' -> (128, 128); '64:256' -> (64, 256)."""
+    lo, _, hi = text.partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i:
+        raise click.BadParameter(f"{text!r} is not a range LO:HI with 1 <= LO <= HI")
+    return lo_i, hi_i
+
+
+def synthetic_workload(num_requests: int, input_len: tuple[int, int], output_len: tuple[int, int],
+                       vocab_size: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """[(prompt token ids, output length)] drawn with a fixed seed; the transformers script uses it too."""
+    rng = np.random.default_rng(seed)
+    work = []
+    for _ in range(num_requests):
+        n_in = int(rng.integers(input_len[0], input_len[1] + 1))
+        n_out = int(rng.integers(output_len[0], output_len[1] + 1))
+        work.append((rng.integers(100, vocab_size - 100, n_in).tolist(), n_out))
+    return work
+
+
+def machine_name() -> str:
+    import os
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}"
+
+
+def run_throughput(engine, work: list[tuple[list[int], int]]) -> dict:
+    """Run every request at once through engine; time each token as it comes."""
+    from cupaged.sampling_params import SamplingParams
+    start = time.perf_counter()
+    stamps: dict[str, list[float]] = {}
+    for i, (ids, n_out) in enumerate(work):
+        rid = engine.add_request(f"bench-{i}", {"prompt_token_ids": ids},
+                                 SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True))
+        stamps[rid] = []
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
+            stamps[out.request_id].extend([now] * (len(out.outputs[0].token_ids) - len(stamps[out.request_id])))
+    elapsed = time.perf_counter() - start
+    return summarize(work, stamps.values(), start, elapsed)
+
+
+def summarize(work, stamps, start: float, elapsed: float) -> dict:
+    n_in = sum(len(ids) for ids, _ in work)
+    n_out = sum(n for _, n in work)
+    ttft = [s[0] - start for s in stamps if s]
+    itl = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    return {"requests": len(work), "input_tokens": n_in, "output_tokens": n_out, "elapsed_s": elapsed,
+            "output_tok_s": n_out / elapsed, "total_tok_s": (n_in + n_out) / elapsed,
+            "median_ttft_ms": 1000 * statistics.median(ttft) if ttft else None,
+            "median_itl_ms": 1000 * statistics.median(itl) if itl else None}
+
+
+def print_result(title: str, result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{title} on {result.get('machine', machine_name())}")
+    click.echo(f"  requests          {result['requests']} ({result['input_tokens']} in, {result['output_tokens']} out)")
+    click.echo(f"  elapsed           {result['elapsed_s']:.2f} s")
+    click.echo(f"  output tokens/s   {result['output_tok_s']:.1f}")
+    click.echo(f"  total tokens/s    {result['total_tok_s']:.1f}")
+    click.echo(f"  median TTFT       {result['median_ttft_ms']:.1f} ms")
+    if result["median_itl_ms"] is not None:
+        click.echo(f"  median ITL        {result['median_itl_ms']:.1f} ms")
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks that print tokens/s (throughput on the CPU or GPU backend)."""
+
+
+@bench.command()
+@click.option("--model", "-m", default="smollm2-135m-instruct", show_default=True, help="Model to run.")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--num-requests", "-n", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most requests running at once (max_num_seqs).")
+@click.option("--input-len", default="64:256", show_default=True, help="Prompt length, N or LO:HI tokens.")
+@click.option("--output-len", default="64:128", show_default=True, help="Output length, N or LO:HI tokens.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--warmup/--no-warmup", default=True, show_default=True, help="Run one short request first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def throughput(model, backend, num_requests, concurrency, input_len, output_len, seed, warmup, as_json):
+    """Offline throughput: N synthetic requests (fixed seed, ignore_eos), all submitted at once."""
+    from cupaged.config import EngineConfig
+    from cupaged.engine.engine import LLMEngine
+    engine = LLMEngine(EngineConfig(model=model, backend=backend, max_num_seqs=concurrency))
+    work = synthetic_workload(num_requests, parse_range(input_len), parse_range(output_len),
+                              engine.model_config.vocab_size, seed)
+    if warmup:
+        run_throughput(engine, work[:1])
+    result = run_throughput(engine, work)
+    result.update(machine=machine_name(), backend=engine.ops.name, concurrency=concurrency, model=model)
+    print_result(f"cupaged {engine.ops.name}", result, as_json)

@@ -1,0 +1,189 @@
+"""The `cupaged` command line (click)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from cupaged.weights.catalog import DEFAULT_MODEL
+
+BACKENDS = click.Choice(["auto", "cpu", "cuda"])
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e)) from e
+
+
+def model_options(f):
+    f = click.option("--backend", type=BACKENDS, default="auto", show_default=True,
+                     help="Compute backend: cuda when CuPy finds a GPU, else cpu.")(f)
+    f = click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+                     help="Catalog name, local HF-layout directory, .gguf file, or pulled org/repo.")(f)
+    f = click.option("--max-model-len", type=click.IntRange(min=2), default=None,
+                     help="Context length (default: the model's).")(f)
+    f = click.option("--verbose", "-v", is_flag=True, help="Log engine details to stderr.")(f)
+    return f
+
+
+def sampling_options(f):
+    f = click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same output).")(f)
+    f = click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Most tokens to generate per answer.")(f)
+    f = click.option("--top-k", type=int, default=-1, show_default=True, help="Keep the k likeliest tokens (-1: all).")(f)
+    f = click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling mass, in (0, 1].")(f)
+    f = click.option("--temperature", "-t", type=float, default=0.7, show_default=True,
+                     help="Sampling temperature; 0 is greedy.")(f)
+    return f
+
+
+def make_llm(model: str, backend: str, max_model_len: int | None, **kwargs):
+    from cupaged.errors import CupagedError
+    from cupaged.llm import LLM
+    try:
+        return LLM(model=model, backend=backend, max_model_len=max_model_len, **kwargs)
+    except CupagedError as e:
+        _fail(e)
+
+
+def make_params(temperature, top_p, top_k, max_tokens, seed, **extra):
+    from cupaged.errors import InvalidRequestError
+    from cupaged.sampling_params import SamplingParams
+    try:
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                              seed=seed, **extra)
+    except InvalidRequestError as e:
+        _fail(e)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cupaged")
+def main() -> None:
+    """cupaged: chat with and serve LLMs on a paged KV cache, on a GPU (CuPy) or the CPU (NumPy/Numba)."""
+
+
+@main.command()
+@model_options
+@sampling_options
+@click.option("--system", "-s", default=None, help="System prompt for the conversation.")
+def chat(model, backend, max_model_len, verbose, temperature, top_p, top_k, max_tokens, seed, system):
+    """Chat with a model, streaming its answers.
+
+    Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) leaves.
+    Ctrl-C stops the current answer and keeps the chat open. Input can also be piped: each line
+    is one user turn.
+    """
+    from cupaged.cli.chat import run_chat  # imported here to keep `--help` fast
+    _setup_logging(verbose)
+    llm = make_llm(model, backend, max_model_len)
+    params = make_params(temperature, top_p, top_k, max_tokens, seed)
+    run_chat(llm, params, system, verbose)
+
+
+@main.command()
+@click.argument("prompt")
+@model_options
+@sampling_options
+@click.option("--chat/--no-chat", "use_chat", default=False, help="Wrap the prompt in the model's chat template.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); it is not included in the output.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of completions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def generate(prompt, model, backend, max_model_len, verbose, temperature, top_p, top_k, max_tokens, seed,
+             use_chat, stop, n, as_json):
+    """Generate a completion for PROMPT once and print it."""
+    _setup_logging(verbose)
+    llm = make_llm(model, backend, max_model_len)
+    params = make_params(temperature, top_p, top_k, max_tokens, seed, stop=list(stop), n=n)
+    from cupaged.errors import CupagedError
+    try:
+        request = llm.chat_prompt([{"role": "user", "content": prompt}]) if use_chat else prompt
+        out = llm.generate(request, params)[0]
+    except CupagedError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps({"prompt": prompt, "prompt_token_ids": out.prompt_token_ids, "outputs": [
+            {"index": o.index, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
+            for o in out.outputs]}, ensure_ascii=False))
+    else:
+        for o in out.outputs:
+            click.echo(o.text)
+
+
+@main.command()
+@click.argument("name", default=DEFAULT_MODEL)
+def pull(name):
+    """Fetch and convert a model: a catalog NAME, or an org/repo from the Hugging Face Hub (needs internet)."""
+    from cupaged.errors import CupagedError
+    from cupaged.weights.store import pull as pull_model
+    _setup_logging(False)
+    try:
+        click.echo(pull_model(name, progress=True))
+    except CupagedError as e:
+        _fail(e)
+
+
+@main.command()
+def models():
+    """List the models in the cache, and the catalog's names."""
+    from cupaged.weights.catalog import catalog_names
+    from cupaged.weights.store import cupaged_home, list_models
+    rows = list_models()
+    click.echo(f"cache: {cupaged_home()}")
+    for row in rows:
+        click.echo(f"  {row['name']:40s} {row['size'] / 2**20:8.1f} MiB  {row['path']}")
+    if not rows:
+        click.echo("  (empty)")
+    click.echo("catalog: " + ", ".join(catalog_names()))
+
+
+@main.command()
+def env():
+    """Show the backend, versions and whether a GPU is usable."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from cupaged.backend import cuda_available
+    from cupaged.weights.store import cupaged_home
+    click.echo(f"cupaged      {version('cupaged')}")
+    click.echo(f"python       {platform.python_version()} ({platform.machine()})")
+    for pkg in ("numpy", "numba", "safetensors", "tokenizers", "gguf", "cupy-cuda13x", "cupy-cuda12x"):
+        try:
+            click.echo(f"{pkg:12s} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    gpu = cuda_available()
+    click.echo(f"gpu          {_gpu_name() if gpu else 'none found'}")
+    click.echo(f"backend      {'cuda' if gpu else 'cpu'} (auto)")
+    click.echo(f"cache        {cupaged_home()}")
+
+
+def _gpu_name() -> str:
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    return props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+
+
+@main.command("clear-cache")
+@click.argument("name", required=False)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def clear_cache(name, yes):
+    """Delete converted models from the cache (all of them, or NAME)."""
+    from cupaged.weights.store import clear_cache as clear
+    if not yes:
+        click.confirm(f"Delete {'model ' + name if name else 'every cached model'}?", abort=True)
+    removed = clear(name)
+    click.echo(f"removed {len(removed)} item(s)")
+
+
+from cupaged.cli.bench import bench  # noqa: E402  (registers `cupaged bench`)
+
+main.add_command(bench)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Backends: `get_ops("cpu" | "cuda" | "auto")`. Importing this package imports no backend."""
+from __future__ import annotations
+
+import logging
+
+from cupaged.backend.ops import AttnMetadata, Ops
+from cupaged.errors import CupagedError
+
+logger = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    """True when CuPy is installed and sees at least one CUDA device."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, no device
+        return False
+
+
+def get_ops(backend: str = "auto") -> Ops:
+    if backend == "auto":
+        backend = "cuda" if cuda_available() and _has_cuda_backend() else "cpu"
+    if backend == "cpu":
+        from cupaged.backend.cpu import CpuOps
+        return CpuOps()
+    if backend == "cuda":
+        if not cuda_available():
+            raise CupagedError("backend 'cuda' needs CuPy and a CUDA device: pip install 'cupaged[cuda]'")
+        if not _has_cuda_backend():
+            raise CupagedError("the CUDA backend is not part of this build yet; use backend='cpu'")
+        from cupaged.backend.cuda import CudaOps
+        return CudaOps()
+    raise CupagedError(f"unknown backend {backend!r}: choose auto, cpu or cuda")
+
+
+def _has_cuda_backend() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("cupaged.backend.cuda") is not None
+
+
+__all__ = ["AttnMetadata", "Ops", "get_ops", "cuda_available"]

@@ -1,0 +1,104 @@
+"""The backend seam: one abstract `Ops` class that the CPU and CUDA backends implement.
+
+Every method has the same signature on every backend (a test enforces it). Arrays are
+NumPy arrays on the CPU backend and CuPy arrays on the CUDA backend; the model code calls
+only these ops plus array methods common to NumPy and CuPy.
+
+Shapes use: T = tokens in this step, B = sequences in this step, H = hidden size,
+Hq / Hk = query / KV heads, D = head_dim, I = MLP intermediate size,
+NB = blocks in the pool, BS = block size, MB = max blocks per sequence.
+
+KV cache layout, per layer and for K and V separately: [NB, BS, Hk, D]. A slot
+(block_id * BS + offset) then addresses one contiguous [Hk, D] row, so the KV write is a
+plain scatter by slot, and one block is one contiguous chunk (for copy and swap).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+
+@dataclass
+class AttnMetadata:
+    """What every attention layer needs for one step, planned once per step.
+
+    A sequence b schedules q_len_b = query_start_loc[b+1] - query_start_loc[b] new tokens.
+    Its context after this step is seq_lens[b] tokens, so its new tokens sit at positions
+    seq_lens[b] - q_len_b ... seq_lens[b] - 1. Each new token attends to every cached token
+    of its sequence at a position <= its own (causal), optionally within a sliding window.
+    K/V of the new tokens are written to the cache (write_kv) before attention reads it.
+    """
+
+    positions: Array        # [T] int32, absolute position of each new token
+    slot_mapping: Array     # [T] int32, cache slot of each new token; < 0 means skip (padding)
+    block_tables: Array     # [B, MB] int32, physical block ids; unused entries are -1
+    seq_lens: Array         # [B] int32, context length including this step's tokens
+    query_start_loc: Array  # [B + 1] int32, prefix sum of the new-token counts
+    logits_indices: Array   # [S] int32, row of the last new token of each sequence that samples this step
+    max_query_len: int
+    max_seq_len: int
+
+
+class Ops(ABC):
+    """Compute ops shared by all backends. See the module docstring for shape letters."""
+
+    name: str = "abstract"
+
+    # --- arrays -----------------------------------------------------------------------
+    @abstractmethod
+    def asarray(self, x: Any, dtype: Any = None) -> Array:
+        """Copy/convert host data into a backend array."""
+
+    @abstractmethod
+    def to_numpy(self, x: Array) -> Any:
+        """Return the array as a host numpy.ndarray."""
+
+    @abstractmethod
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        """A zero-filled backend array (the KV cache is allocated with this once)."""
+
+    # --- dense layers -----------------------------------------------------------------
+    @abstractmethod
+    def embedding(self, ids: Array, table: Array) -> Array:
+        """ids [T] int32, table [V, H] -> [T, H]."""
+
+    @abstractmethod
+    def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
+        """x [T, K], weight [N, K] (row-major, as stored), bias [N] or None -> x @ weight.T + bias, [T, N]."""
+
+    @abstractmethod
+    def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
+        """x [T, H], weight [H] -> x / rms(x) * weight, [T, H] (new array)."""
+
+    @abstractmethod
+    def fused_add_rms_norm(self, x: Array, residual: Array, weight: Array, eps: float) -> Array:
+        """residual += x (in place, [T, H]); returns rms_norm(residual) as a new [T, H] array."""
+
+    @abstractmethod
+    def rotary_embedding(self, positions: Array, q: Array, k: Array, cos_sin_cache: Array, is_neox: bool) -> None:
+        """In place on q [T, Hq, D] and k [T, Hk, D]. cos_sin_cache [max_pos, rot_dim]: the first
+        rot_dim/2 columns are cos, the rest sin. Only the first rot_dim features of each head rotate.
+        NeoX style pairs feature i with i + rot_dim/2; GPT-J style pairs 2i with 2i+1."""
+
+    @abstractmethod
+    def silu_and_mul(self, x: Array) -> Array:
+        """x [T, 2I] = [gate | up] -> silu(gate) * up, [T, I]."""
+
+    # --- paged KV cache ---------------------------------------------------------------
+    @abstractmethod
+    def write_kv(self, k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array) -> None:
+        """k, v [T, Hk, D] go into k_cache, v_cache [NB, BS, Hk, D] at slot_mapping [T]; slot < 0 is skipped."""
+
+    @abstractmethod
+    def paged_attention(self, q: Array, k_cache: Array, v_cache: Array, meta: AttnMetadata,
+                        scale: float, sliding_window: int = 0) -> Array:
+        """q [T, Hq, D] -> out [T, Hq, D]. Query head h reads KV head h // (Hq // Hk).
+        One op for prefill chunks and decodes; see AttnMetadata for the causal rule.
+        sliding_window > 0 limits each query to the last `sliding_window` positions (itself included)."""
+
+    @abstractmethod
+    def copy_blocks(self, k_cache: Array, v_cache: Array, pairs: Array) -> None:
+        """pairs [P, 2] int32 of (src, dst) block ids: copy block src to block dst in both caches."""

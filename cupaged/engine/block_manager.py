@@ -1,0 +1,152 @@
+"""Block manager: a fixed pool of KV-cache blocks, with ref counts.
+
+Pure Python, no array imports. Blocks are created once at start-up. Free blocks sit in a
+doubly linked queue threaded through the blocks themselves, so allocate (pop the head),
+free (push the tail) and taking a block out of the middle (for prefix-cache reuse later)
+are all O(1) with no Python objects made per step.
+
+A sequence's `block_table` lists its physical block ids in order; token position p lives
+in slot `block_table[p // block_size] * block_size + p % block_size`. A block held by
+several sequences (ref_cnt > 1) is copied before anyone writes into it (copy-on-write).
+"""
+from __future__ import annotations
+
+from cupaged.engine.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev", "next")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: int | None = None
+        self.prev: Block | None = None
+        self.next: Block | None = None
+
+    def __repr__(self) -> str:
+        return f"Block({self.block_id}, ref_cnt={self.ref_cnt})"
+
+
+class FreeBlockQueue:
+    """Doubly linked list of free blocks: O(1) popleft, append and remove."""
+
+    def __init__(self, blocks: list[Block]):
+        self._head = Block(-1)  # sentinels
+        self._tail = Block(-2)
+        self._head.next, self._tail.prev = self._tail, self._head
+        self.num_free = 0
+        for block in blocks:
+            self.append(block)
+
+    def append(self, block: Block) -> None:
+        last = self._tail.prev
+        assert last is not None
+        block.prev, block.next = last, self._tail
+        last.next = block
+        self._tail.prev = block
+        self.num_free += 1
+
+    def remove(self, block: Block) -> None:
+        assert block.prev is not None and block.next is not None, f"block {block.block_id} is not free"
+        block.prev.next, block.next.prev = block.next, block.prev
+        block.prev = block.next = None
+        self.num_free -= 1
+
+    def popleft(self) -> Block:
+        block = self._head.next
+        assert block is not None and block is not self._tail, "no free block"
+        self.remove(block)
+        return block
+
+    def __iter__(self):
+        block = self._head.next
+        while block is not None and block is not self._tail:
+            yield block
+            block = block.next
+
+
+class BlockManager:
+    """Hands out KV blocks to sequences. All operations are O(blocks touched)."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        assert num_blocks > 0 and block_size > 0
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.free_queue.num_free
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Blocks to add so that seq's table covers num_computed_tokens + num_new_tokens,
+        plus one if the block written first is shared and must be copied."""
+        total = seq.num_computed_tokens + num_new_tokens
+        needed = max(0, -(-total // self.block_size) - len(seq.block_table))
+        return needed + int(self._first_write_is_shared(seq, num_new_tokens))
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
+        """Grow seq's table to hold num_new_tokens more tokens. Returns (src, dst) block
+        copies that must run before the step (copy-on-write of a shared block)."""
+        assert self.can_append(seq, num_new_tokens), f"not enough free blocks for {seq}"
+        copies = []
+        if self._first_write_is_shared(seq, num_new_tokens):
+            index = seq.num_computed_tokens // self.block_size
+            src = self.blocks[seq.block_table[index]]
+            dst = self._allocate()
+            self._decref(src)
+            seq.block_table[index] = dst.block_id
+            copies.append((src.block_id, dst.block_id))
+        total = seq.num_computed_tokens + num_new_tokens
+        while len(seq.block_table) * self.block_size < total:
+            seq.block_table.append(self._allocate().block_id)
+        return copies
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let child share all of parent's blocks (prompt sharing for n > 1)."""
+        assert not child.block_table, f"{child} already holds blocks"
+        for block_id in parent.block_table:
+            self._incref(self.blocks[block_id])
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+
+    def free(self, seq: Sequence) -> None:
+        """Drop seq's hold on its blocks; blocks nobody holds go back to the pool."""
+        for block_id in reversed(seq.block_table):
+            self._decref(self.blocks[block_id])
+        seq.block_table = []
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    # --- internals ----------------------------------------------------------------------
+    def _first_write_is_shared(self, seq: Sequence, num_new_tokens: int) -> bool:
+        index = seq.num_computed_tokens // self.block_size
+        if num_new_tokens <= 0 or index >= len(seq.block_table):
+            return False
+        return self.blocks[seq.block_table[index]].ref_cnt > 1
+
+    def _allocate(self) -> Block:
+        block = self.free_queue.popleft()
+        assert block.ref_cnt == 0, f"free block {block.block_id} has ref_cnt {block.ref_cnt}"
+        block.ref_cnt = 1
+        return block
+
+    def _incref(self, block: Block) -> None:
+        assert block.ref_cnt > 0, f"block {block.block_id} is free and cannot be shared"
+        block.ref_cnt += 1
+
+    def _decref(self, block: Block) -> None:
+        assert block.ref_cnt > 0, f"double free of block {block.block_id}"
+        block.ref_cnt -= 1
+        if block.ref_cnt == 0:
+            block.block_hash = None
+            self.free_queue.append(block)

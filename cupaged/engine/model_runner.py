@@ -1,0 +1,62 @@
+"""ModelRunner: ScheduledBatch -> AttnMetadata (once per step, in NumPy) -> logits.
+
+It owns the KV cache: per layer a (K, V) pair of [num_blocks, block_size, Hk, D] arrays,
+allocated once at start-up.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from cupaged.backend.ops import AttnMetadata, Ops
+from cupaged.engine.scheduler import ScheduledBatch
+from cupaged.model.llama import LlamaModel
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, dtype=np.float32):
+        cfg = model.cfg
+        self.model, self.ops, self.block_size = model, ops, block_size
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+        logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
+                    2 * cfg.num_layers * np.prod(shape) * np.dtype(dtype).itemsize / 2**20)
+
+    def run(self, batch: ScheduledBatch) -> np.ndarray:
+        """Compute the batch's tokens; return host logits [S, V] for the sequences that sample."""
+        if batch.blocks_to_copy:
+            pairs = self.ops.asarray(np.array(batch.blocks_to_copy, dtype=np.int32))
+            for k_cache, v_cache in self.kv_caches:
+                self.ops.copy_blocks(k_cache, v_cache, pairs)
+        input_ids, meta = self.prepare(batch)
+        logits = self.model.forward(input_ids, meta, self.kv_caches)
+        return self.ops.to_numpy(logits)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[object, AttnMetadata]:
+        """Pack the batch's new tokens and plan attention for every layer."""
+        bs = self.block_size
+        starts = np.array([s.num_computed_tokens for s in batch.seqs], dtype=np.int64)
+        counts = np.array(batch.num_tokens, dtype=np.int64)
+        ends = starts + counts
+        input_ids = np.concatenate([s.token_ids[a:b] for s, a, b in zip(batch.seqs, starts, ends)]).astype(np.int32)
+        positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = np.full((len(batch.seqs), max_blocks), -1, dtype=np.int32)
+        for row, seq in enumerate(batch.seqs):
+            tables[row, :len(seq.block_table)] = seq.block_table
+        seq_index = np.repeat(np.arange(len(batch.seqs)), counts)
+        slots = tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
+        qsl = np.zeros(len(batch.seqs) + 1, dtype=np.int32)
+        np.cumsum(counts, out=qsl[1:])
+        sampled = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+        to = self.ops.asarray
+        meta = AttnMetadata(
+            positions=to(positions.astype(np.int32)), slot_mapping=to(slots.astype(np.int32)),
+            block_tables=to(tables), seq_lens=to(ends.astype(np.int32)), query_start_loc=to(qsl),
+            logits_indices=to((qsl[1:][sampled] - 1).astype(np.int32)),
+            max_query_len=int(counts.max()), max_seq_len=int(ends.max()),
+        )
+        return to(input_ids), meta

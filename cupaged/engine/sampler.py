@@ -1,0 +1,90 @@
+"""Logits -> next tokens, on the host in NumPy (float32 logits [B, V]).
+
+Order, as in vLLM: penalties (repetition, presence, frequency) -> greedy argmax, or
+temperature -> top-k -> top-p -> min-p -> draw with the sequence's own generator. A seeded
+sequence draws from its own `numpy.random.Generator`, so its output does not depend on
+what else is in the batch. Log-probabilities are those of the model's raw distribution.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cupaged.engine.sequence import Sequence
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        self._rng = np.random.default_rng(seed)
+        self._seq_rngs: dict[int, np.random.Generator] = {}
+
+    def sample(self, logits: np.ndarray, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+        """logits [B, V] float32, one row per sequence -> (token ids [B], logprobs per row or None)."""
+        logits = np.asarray(logits, dtype=np.float32)
+        processed = logits.copy()
+        tokens, logprobs = [], []
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            self._apply_penalties(processed[row], seq)
+            if p.greedy:
+                token = int(np.argmax(processed[row]))
+            else:
+                token = self._draw(processed[row], seq)
+            tokens.append(token)
+            logprobs.append(_top_logprobs(logits[row], token, p.logprobs) if p.logprobs is not None else None)
+        return tokens, logprobs
+
+    def forget(self, seq: Sequence) -> None:
+        self._seq_rngs.pop(seq.seq_id, None)
+
+    # --- steps ----------------------------------------------------------------------------
+    @staticmethod
+    def _apply_penalties(row: np.ndarray, seq: Sequence) -> None:
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = np.unique(np.asarray(seq.token_ids, dtype=np.int64))
+            vals = row[seen]
+            row[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            ids, counts = np.unique(np.asarray(seq.output_token_ids, dtype=np.int64), return_counts=True)
+            row[ids] -= p.frequency_penalty * counts + p.presence_penalty
+
+    def _draw(self, row: np.ndarray, seq: Sequence) -> int:
+        p = seq.params
+        row = row.astype(np.float64) / p.temperature
+        if 0 < p.top_k < row.size:
+            kth = np.partition(row, -p.top_k)[-p.top_k]
+            row[row < kth] = -np.inf
+        probs = _softmax(row)
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            drop = order[cum - probs[order] >= p.top_p]  # keep the smallest prefix reaching top_p
+            probs[drop] = 0.0
+        if p.min_p > 0.0:
+            probs[probs < p.min_p * probs.max()] = 0.0
+        probs /= probs.sum()
+        return int(self._rng_for(seq).choice(probs.size, p=probs))
+
+    def _rng_for(self, seq: Sequence) -> np.random.Generator:
+        if seq.params.seed is None:
+            return self._rng
+        rng = self._seq_rngs.get(seq.seq_id)
+        if rng is None:
+            rng = np.random.default_rng([seq.params.seed, seq.index])
+            self._seq_rngs[seq.seq_id] = rng
+        return rng
+
+
+def _softmax(row: np.ndarray) -> np.ndarray:
+    e = np.exp(row - row.max())
+    return e / e.sum()
+
+
+def _top_logprobs(row: np.ndarray, token: int, n: int) -> dict[int, float]:
+    """The chosen token's log-probability plus the top-n tokens', from raw logits."""
+    row = row.astype(np.float64)
+    m = row.max()
+    logz = m + np.log(np.exp(row - m).sum())
+    top = np.argpartition(-row, n)[:n] if 0 < n < row.size else np.arange(row.size)[:n]
+    ids = [token] + [int(t) for t in top[np.argsort(-row[top], kind="stable")]]
+    return {i: float(row[i] - logz) for i in ids}

@@ -1,0 +1,83 @@
+"""Sequence: one stream of tokens (prompt + output) and the KV blocks that hold it."""
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+from cupaged.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+_seq_counter = itertools.count()
+
+
+class Sequence:
+    """A prompt and its growing output.
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache. The scheduler gives a
+    sequence `num_tokens - num_computed_tokens` tokens to compute (capped by the budget):
+    a whole prompt, a chunk of it, or the one token sampled last step.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 index: int = 0, arrival: float = 0.0):
+        self.seq_id = next(_seq_counter)
+        self.request_id = request_id
+        self.index = index                    # which of the request's n outputs
+        self.params = params
+        self.arrival = arrival
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt + output
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict[int, float]] = []
+        self.num_preemptions = 0
+        self.first_token_time: float | None = None
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={self.block_table}, {self.status.name})")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+        self.token_ids.append(token_id)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+
+    def finish(self, reason: str) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+
+    def reset_for_recompute(self) -> None:
+        """Forget the cached K/V (its blocks were freed); prompt and output are kept."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1
