@@ -1,0 +1,108 @@
+"""The CPU backend: NumPy arrays, NumPy BLAS for GEMMs, Numba kernels for the rest.
+
+The compute dtype is float32. Kernels live in `cupaged.backend.cpu_kernels` and are compiled
+on first use and cached on disk (`NUMBA_CACHE_DIR` moves the cache). Ops that return a new
+array allocate it here; ops documented as in place write into the arrays they are given.
+
+Example:
+    >>> import numpy as np
+    >>> from cupaged.backend.cpu import CpuOps
+    >>> ops = CpuOps()
+    >>> x = np.ones((2, 4), np.float32)
+    >>> ops.rms_norm(x, np.full(4, 2.0, np.float32), 1e-6).round(3)[0].tolist()
+    [2.0, 2.0, 2.0, 2.0]
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cupaged.backend import cpu_kernels as K
+from cupaged.backend.ops import Array, AttnMetadata, Ops
+
+_I32 = np.int32
+
+
+def _i32(x: Array) -> np.ndarray:
+    """An int32 C-contiguous view (or copy, only if needed) of an index array."""
+    return np.ascontiguousarray(x, dtype=_I32)
+
+
+class CpuOps(Ops):
+    """`Ops` on NumPy arrays. Shapes as in `cupaged.backend.ops`."""
+
+    name = "cpu"
+    dtype = np.float32
+
+    # --- arrays -----------------------------------------------------------------------
+    def asarray(self, x: Any, dtype: Any = None) -> Array:
+        """A C-contiguous numpy array of `x`; no copy when `x` already is one of that dtype."""
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def to_numpy(self, x: Array) -> Any:
+        """`x` as a numpy.ndarray (no copy)."""
+        return np.asarray(x)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        """A zero-filled array."""
+        return np.zeros(shape, dtype=dtype)
+
+    # --- dense layers -----------------------------------------------------------------
+    def embedding(self, ids: Array, table: Array) -> Array:
+        """ids [T], table [V, H] -> [T, H] (a gather, new array)."""
+        return np.take(table, ids, axis=0)
+
+    def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
+        """x [T, K] @ weight [N, K].T (+ bias [N]) -> [T, N]. weight.T is a view, so BLAS
+        reads the stored weight with a transpose flag and no per-call copy is made."""
+        out = np.matmul(x, weight.T)
+        if bias is not None:
+            out += bias
+        return out
+
+    def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
+        """x [T, H], weight [H] -> new [T, H]."""
+        out = np.empty(x.shape, dtype=x.dtype)
+        K.rms_norm(x, weight, np.float32(eps), out)
+        return out
+
+    def fused_add_rms_norm(self, x: Array, residual: Array, weight: Array, eps: float) -> Array:
+        """residual [T, H] += x in place; returns rms_norm(residual), a new [T, H]."""
+        out = np.empty(residual.shape, dtype=residual.dtype)
+        K.fused_add_rms_norm(x, residual, weight, np.float32(eps), out)
+        return out
+
+    def rotary_embedding(self, positions: Array, q: Array, k: Array, cos_sin_cache: Array, is_neox: bool) -> None:
+        """In place on q [T, Hq, D] and k [T, Hk, D]; cos_sin_cache [max_pos, rot_dim] = [cos | sin]."""
+        K.rotary_embedding(_i32(positions), q, k, cos_sin_cache, bool(is_neox))
+
+    def silu_and_mul(self, x: Array) -> Array:
+        """x [T, 2I] -> new [T, I] = silu(gate) * up."""
+        out = np.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype)
+        K.silu_and_mul(x, out)
+        return out
+
+    # --- paged KV cache ---------------------------------------------------------------
+    def write_kv(self, k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array) -> None:
+        """k, v [T, Hk, D] -> k_cache, v_cache [NB, BS, Hk, D] at slot_mapping [T] (< 0 skipped)."""
+        K.write_kv(k, v, k_cache, v_cache, _i32(slot_mapping))
+
+    def paged_attention(self, q: Array, k_cache: Array, v_cache: Array, meta: AttnMetadata,
+                        scale: float, sliding_window: int = 0) -> Array:
+        """q [T, Hq, D] -> new out [T, Hq, D]; see `AttnMetadata` for the causal rule.
+
+        Rows of tokens past query_start_loc[-1] (padding) come back as zeros.
+        """
+        t_n, hq, d_n = q.shape
+        if k_cache.shape[3] != d_n or hq % k_cache.shape[2]:
+            raise ValueError(f"q {q.shape} does not fit cache {k_cache.shape}")
+        out = np.empty((t_n, hq, d_n), dtype=np.float32)
+        K.paged_attention(np.ascontiguousarray(q), k_cache, v_cache, _i32(meta.block_tables),
+                          _i32(meta.seq_lens), _i32(meta.query_start_loc), np.float32(scale),
+                          int(sliding_window), out)
+        return out
+
+    def copy_blocks(self, k_cache: Array, v_cache: Array, pairs: Array) -> None:
+        """pairs [P, 2] of (src, dst) block ids: copy each src block to dst in both caches."""
+        K.copy_blocks(k_cache, v_cache, _i32(pairs).reshape(-1, 2))

@@ -1,0 +1,296 @@
+"""CpuOps against the naive float64 references in reference.py.
+
+Inputs are fresh random draws per parameter set (seeded from the test id), never zeros.
+In-place ops get poisoned or random destinations and are checked for what they must not touch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cupaged.backend.cpu import CpuOps
+from cupaged.backend.ops import AttnMetadata
+
+from tests.kernels import reference as ref
+
+F32 = np.float32
+RTOL, ATOL = 1e-5, 1e-5
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def ops():
+    return CpuOps()
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape).astype(F32)
+
+
+# --- arrays and dense layers ----------------------------------------------------------
+def test_array_helpers(ops, rng):
+    x = randn(rng, 3, 4)
+    assert ops.asarray(x) is x or np.shares_memory(ops.asarray(x), x)
+    assert ops.asarray([1, 2], dtype=np.int32).dtype == np.int32
+    assert ops.asarray(x.T).flags.c_contiguous
+    assert isinstance(ops.to_numpy(x), np.ndarray)
+    z = ops.zeros((2, 5), F32)
+    assert z.shape == (2, 5) and z.dtype == F32 and not z.any()
+
+
+def test_embedding(ops, rng):
+    table = randn(rng, 50, 24)
+    ids = rng.integers(0, 50, size=17).astype(np.int32)
+    np.testing.assert_array_equal(ops.embedding(ids, table), table[ids])
+
+
+@pytest.mark.parametrize("t,k,n", [(1, 64, 48), (16, 576, 1536), (37, 100, 7)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear(ops, rng, t, k, n, with_bias):
+    x, w = randn(rng, t, k), randn(rng, n, k)
+    b = randn(rng, n) if with_bias else None
+    want = x.astype(np.float64) @ w.astype(np.float64).T + (0 if b is None else b)
+    got = ops.linear(x, w, b)
+    assert got.shape == (t, n) and got.dtype == F32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_does_not_copy_weight(ops, rng):
+    w = randn(rng, 1024, 2048)  # 8 MiB
+    x = randn(rng, 4, 2048)
+    ops.linear(x, w)
+    tracemalloc.start()
+    ops.linear(x, w)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < w.nbytes // 8
+
+
+@pytest.mark.parametrize("t,h", [(1, 64), (7, 576), (64, 1000)])
+def test_rms_norm(ops, rng, t, h):
+    x, w = randn(rng, t, h), randn(rng, h)
+    x0 = x.copy()
+    got = ops.rms_norm(x, w, 1e-5)
+    np.testing.assert_allclose(got, ref.rms_norm(x, w, 1e-5), rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("t,h", [(1, 64), (7, 576), (64, 1000)])
+def test_fused_add_rms_norm(ops, rng, t, h):
+    x, res, w = randn(rng, t, h), randn(rng, t, h), randn(rng, h)
+    want, want_res = ref.fused_add_rms_norm(x, res, w, 1e-6)
+    got = ops.fused_add_rms_norm(x, res, w, 1e-6)
+    assert not np.shares_memory(got, res)
+    np.testing.assert_allclose(res, want_res, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("t,i", [(1, 32), (5, 1536), (64, 100)])
+def test_silu_and_mul(ops, rng, t, i):
+    x = randn(rng, t, 2 * i) * 4
+    got = ops.silu_and_mul(x)
+    assert got.shape == (t, i)
+    np.testing.assert_allclose(got, ref.silu_and_mul(x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("d,rot", [(64, 64), (80, 80), (128, 128), (64, 32), (128, 64)])
+@pytest.mark.parametrize("hq,hk", [(9, 3), (4, 4)])
+def test_rotary_embedding(ops, rng, is_neox, d, rot, hq, hk):
+    t = 11
+    qkv = randn(rng, t, (hq + 2 * hk) * d)  # q, k are strided views into one buffer, as in a model
+    q = qkv[:, :hq * d].reshape(t, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].reshape(t, hk, d)
+    v0 = qkv[:, (hq + hk) * d:].copy()
+    cache = ref.cos_sin_cache(4096, rot)
+    positions = rng.integers(0, 4096, size=t).astype(np.int32)
+    want_q = ref.rotary_embedding(positions, q, cache, is_neox)
+    want_k = ref.rotary_embedding(positions, k, cache, is_neox)
+    assert ops.rotary_embedding(positions, q, k, cache, is_neox) is None
+    np.testing.assert_allclose(q, want_q, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(k, want_k, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(qkv[:, (hq + hk) * d:], v0)
+
+
+# --- paged KV cache -------------------------------------------------------------------
+@pytest.mark.parametrize("bs", [8, 16, 32])
+def test_write_kv_skips_padding(ops, rng, bs):
+    nb, hk, d, t = 6, 3, 64, 20
+    k_cache, v_cache = randn(rng, nb, bs, hk, d), randn(rng, nb, bs, hk, d)
+    k, v = randn(rng, t, hk, d), randn(rng, t, hk, d)
+    slots = rng.choice(nb * bs, size=t, replace=False).astype(np.int32)
+    slots[rng.choice(t, size=5, replace=False)] = -1
+    want_k, want_v = ref.write_kv(k, v, k_cache, v_cache, slots)
+    ops.write_kv(k, v, k_cache, v_cache, slots)
+    np.testing.assert_array_equal(k_cache, want_k)
+    np.testing.assert_array_equal(v_cache, want_v)
+
+
+def test_copy_blocks(ops, rng):
+    k_cache, v_cache = randn(rng, 8, 16, 2, 64), randn(rng, 8, 16, 2, 64)
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    pairs = np.array([[0, 5], [3, 1], [7, 2]], np.int32)
+    for src, dst in pairs:
+        want_k[dst], want_v[dst] = want_k[src], want_v[src]
+    ops.copy_blocks(k_cache, v_cache, pairs)
+    np.testing.assert_array_equal(k_cache, want_k)
+    np.testing.assert_array_equal(v_cache, want_v)
+    ops.copy_blocks(k_cache, v_cache, np.zeros((0, 2), np.int32))
+    np.testing.assert_array_equal(k_cache, want_k)
+
+
+def make_batch(rng, seqs, hq, hk, d, bs, pad=0):
+    """seqs: list of (context length after this step, new tokens) -> q, caches, metadata, ks, vs.
+
+    The K/V of every sequence (cached and new) is drawn contiguously and scattered into
+    randomly permuted blocks; `pad` extra query rows follow the last sequence.
+    """
+    ks = [randn(rng, n, hk, d) for n, _ in seqs]
+    vs = [randn(rng, n, hk, d) for n, _ in seqs]
+    k_cache, v_cache, tables = ref.scatter_to_blocks(rng, ks, vs, bs)
+    q_lens = [q for _, q in seqs]
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    seq_lens = np.array([n for n, _ in seqs], np.int32)
+    positions = np.concatenate([np.arange(n - q, n) for n, q in seqs] + [np.zeros(pad)]).astype(np.int32)
+    meta = AttnMetadata(
+        positions=positions,
+        slot_mapping=np.full(len(positions), -1, np.int32),  # K/V are already in the cache
+        block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
+        logits_indices=(qsl[1:] - 1).astype(np.int32),
+        max_query_len=max(q_lens), max_seq_len=int(seq_lens.max()))
+    q = randn(rng, int(qsl[-1]) + pad, hq, d)
+    return q, k_cache, v_cache, meta, ks, vs
+
+
+def check_attention(ops, q, k_cache, v_cache, meta, window=0):
+    scale = 1.0 / np.sqrt(q.shape[2])
+    got = ops.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window=window)
+    want = ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                               meta.query_start_loc, scale, window)
+    assert got.shape == q.shape and got.dtype == F32
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def mixed_seqs(bs):
+    """Decodes at 1 token, partial and exact block boundaries, a long context; full prefills;
+    prefill chunks on top of cached context."""
+    return [(1, 1), (bs - 3, 1), (bs, 1), (2 * bs, 2 * bs), (3 * bs + 5, 23), (bs + 1, bs + 1),
+            (300, 1), (129, 40)]
+
+
+@pytest.mark.parametrize("bs", [8, 16, 32])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_paged_attention_mixed_batch(ops, rng, bs, group):
+    hk = 2
+    q, kc, vc, meta, _, _ = make_batch(rng, mixed_seqs(bs), hk * group, hk, 64, bs)
+    check_attention(ops, q, kc, vc, meta)
+
+
+@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("hq,hk", [(9, 3), (8, 1)])
+def test_paged_attention_head_dims(ops, rng, d, hq, hk):
+    q, kc, vc, meta, _, _ = make_batch(rng, mixed_seqs(16), hq, hk, d, 16)
+    check_attention(ops, q, kc, vc, meta)
+
+
+@pytest.mark.parametrize("ctx", [1, 13, 16, 17, 32, 257, 1000])
+@pytest.mark.parametrize("q_len", [1, "all"])
+def test_paged_attention_context_lengths(ops, rng, ctx, q_len):
+    seqs = [(ctx, ctx if q_len == "all" else q_len)]
+    q, kc, vc, meta, _, _ = make_batch(rng, seqs, 9, 3, 64, 16)
+    check_attention(ops, q, kc, vc, meta)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40, 10_000])
+@pytest.mark.parametrize("bs", [8, 16])
+def test_paged_attention_sliding_window(ops, rng, window, bs):
+    q, kc, vc, meta, _, _ = make_batch(rng, mixed_seqs(bs), 8, 2, 64, bs)
+    check_attention(ops, q, kc, vc, meta, window)
+
+
+def test_paged_attention_padding_rows_are_zero(ops, rng):
+    q, kc, vc, meta, _, _ = make_batch(rng, [(20, 3), (5, 1)], 6, 2, 64, 8, pad=4)
+    check_attention(ops, q, kc, vc, meta)
+    got = ops.paged_attention(q, kc, vc, meta, 0.125)
+    assert np.all(got[-4:] == 0)
+
+
+def test_paged_attention_large_values_stay_finite(ops, rng):
+    """Scores of a few hundred must not overflow the online softmax."""
+    q, kc, vc, meta, _, _ = make_batch(rng, [(70, 70), (90, 1)], 4, 2, 64, 16)
+    q *= 40
+    check_attention(ops, q, kc, vc, meta)
+
+
+def test_reference_paged_matches_contiguous(rng):
+    """The paged reference and a dense-masked reference agree (checks the test fixture)."""
+    seqs = mixed_seqs(8)
+    q, kc, vc, meta, ks, vs = make_batch(rng, seqs, 6, 2, 64, 8)
+    for window in (0, 7):
+        paged = ref.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens,
+                                    meta.query_start_loc, 0.125, window)
+        dense = ref.contiguous_attention(q, ks, vs, [n for _, n in seqs], 0.125, window)
+        np.testing.assert_allclose(paged, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_write_kv_then_attention(ops, rng):
+    """The model's order: write the new tokens' K/V by slot, then attend."""
+    bs, hk, d = 16, 3, 64
+    seqs = [(40, 40), (21, 1), (50, 7)]
+    q, kc, vc, meta, ks, vs = make_batch(rng, seqs, 9, hk, d, bs)
+    slots, new_k, new_v = [], [], []
+    for b, (n, q_len) in enumerate(seqs):
+        for p in range(n - q_len, n):
+            slots.append(meta.block_tables[b, p // bs] * bs + p % bs)
+        new_k.append(ks[b][n - q_len:])
+        new_v.append(vs[b][n - q_len:])
+    slots = np.array(slots, np.int32)
+    kc[slots // bs, slots % bs] = np.nan  # the cache does not hold the new tokens yet
+    vc[slots // bs, slots % bs] = np.nan
+    ops.write_kv(np.concatenate(new_k), np.concatenate(new_v), kc, vc, slots)
+    check_attention(ops, q, kc, vc, meta)
+
+
+# --- compilation cache ----------------------------------------------------------------
+_CACHE_PROBE = """
+import json, numpy as np
+from cupaged.backend import cpu_kernels as K
+from cupaged.backend.cpu import CpuOps
+from cupaged.backend.ops import AttnMetadata
+i32 = lambda x: np.array(x, np.int32)
+meta = AttnMetadata(i32([0, 1]), i32([0, 1]), i32([[0]]), i32([2]), i32([0, 2]), i32([1]), 2, 2)
+cache = np.ones((1, 16, 1, 64), np.float32)
+CpuOps().paged_attention(np.ones((2, 1, 64), np.float32), cache, cache, meta, 0.125)
+st = K.paged_attention.stats
+print(json.dumps({"hits": len(st.cache_hits), "misses": len(st.cache_misses)}))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_load_from_disk_cache_in_a_second_process(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["misses"] >= 1 and first["hits"] == 0
+    assert list(tmp_path.rglob("*.nbi")), "no numba index files written"
+    second = run()
+    assert second["hits"] >= 1 and second["misses"] == 0
