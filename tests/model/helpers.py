@@ -1,0 +1,51 @@
+"""Test helpers: raw logits from our engine, and greedy decoding with transformers."""
+from __future__ import annotations
+
+import numpy as np
+
+from cupaged.engine.scheduler import ScheduledBatch
+from cupaged.engine.sequence import Sequence
+from cupaged.sampling_params import SamplingParams
+
+
+def engine_logits(engine, ids: list[int]) -> np.ndarray:
+    """Our float32 logits [V] for the token after `ids`, from one prefill through the paged cache."""
+    seq = Sequence("logits-probe", ids, SamplingParams(max_tokens=1))
+    engine.block_manager.append_slots(seq, len(ids))
+    try:
+        return engine.runner.run(ScheduledBatch([seq], [len(ids)]))[0]
+    finally:
+        engine.block_manager.free(seq)
+
+
+def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy continuation of ids (EOS not special), with the top-1 vs top-2 logit
+    margin at each step. A plain argmax loop over the model's forward with its own KV cache."""
+    import torch
+    tokens, margins, past = [], [], None
+    step_input = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(step_input, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1]
+            top = torch.topk(logits, 2)
+            tokens.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            step_input = top.indices[:1].view(1, 1)
+    return tokens, margins
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].double().numpy()
+
+
+def assert_same_greedy(ours: list[int], theirs: list[int], margins: list[float], tie: float = 1e-3) -> None:
+    """Identical tokens; a first difference is only forgiven at a genuine near-tie of the reference."""
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            assert margins[step] < tie, (f"greedy tokens differ at step {step}: ours {a}, transformers {b}, "
+                                         f"whose top-2 margin is {margins[step]:.2e} (not a near-tie)")
+            return
+    assert len(ours) == len(theirs)
