@@ -111,8 +111,11 @@ class BlockManager:
         return copies
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Let child share all of parent's blocks (prompt sharing for n > 1)."""
+        """Let child share all of parent's blocks (prompt sharing for n > 1). Fork between steps:
+        copy-on-write covers only the one partly written block, not blocks reserved ahead."""
         assert not child.block_table, f"{child} already holds blocks"
+        assert len(parent.block_table) == -(-parent.num_computed_tokens // self.block_size), \
+            f"fork of {parent} with blocks reserved but not yet computed"
         for block_id in parent.block_table:
             self._incref(self.blocks[block_id])
         child.block_table = list(parent.block_table)

@@ -56,8 +56,9 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [])
+        num_preemptions = self.num_preemptions
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
-        if len(batch.seqs) == len(self.running):  # nothing was preempted: room for newcomers
+        if self.num_preemptions == num_preemptions:  # nothing was preempted: room for newcomers
             self._schedule_waiting(batch, budget)
         return batch
 
