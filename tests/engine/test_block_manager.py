@@ -237,6 +237,7 @@ def test_shared_block_freed_twice_by_one_holder():
     bm = BlockManager(num_blocks=2, block_size=4)
     a, b = make_seq(4), make_seq(4)
     bm.append_slots(a, 4)
+    a.num_computed_tokens = 4  # fork between steps
     bm.fork(a, b)
     block = a.block_table[0]
     assert bm.blocks[block].ref_cnt == 2
