@@ -19,19 +19,22 @@ def engine_logits(engine, ids: list[int]) -> np.ndarray:
 
 
 def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    """transformers' greedy continuation of ids (EOS not special), with the top-1 vs top-2 logit
-    margin at each step. A plain argmax loop over the model's forward with its own KV cache."""
+    """transformers' greedy continuation of ids (EOS not special: exactly n tokens), with the
+    top-1 vs top-2 logit margin of the raw logits at each step."""
+    import copy
+
     import torch
-    tokens, margins, past = [], [], None
-    step_input = torch.tensor([ids])
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
     with torch.no_grad():
-        for _ in range(n):
-            out = model(step_input, past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[0, -1]
-            top = torch.topk(logits, 2)
-            tokens.append(int(top.indices[0]))
-            margins.append(float(top.values[0] - top.values[1]))
-            step_input = top.indices[:1].view(1, 1)
+        out = model.generate(torch.tensor([ids]), generation_config=config, max_new_tokens=n,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(ids):].tolist()
+    margins = []
+    for step in out.logits:
+        top = torch.topk(step[0], 2).values
+        margins.append(float(top[0] - top[1]))
     return tokens, margins
 
 
