@@ -60,11 +60,11 @@ def fused_add_rms_norm(x, residual, weight, eps, out):
         _norm_row(residual[t], weight, eps, out[t])
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@numba.njit(cache=True, fastmath=FASTMATH)
 def silu_and_mul(x, out):
     """x [T, 2I] = [gate | up] -> out [T, I] = silu(gate) * up."""
     n = out.shape[1]
-    for t in numba.prange(x.shape[0]):
+    for t in range(x.shape[0]):
         for i in range(n):
             g = x[t, i]
             out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * x[t, n + i]
