@@ -1,0 +1,84 @@
+"""The `cupaged` CLI through click's runner, checked against the Python API on the same model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cupaged.cli.main import main
+from cupaged.sampling_params import SamplingParams
+
+GREEDY = ["--backend", "cpu", "--temperature", "0", "--max-tokens", "12"]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return CliRunner()
+
+
+def test_help_lists_every_command(runner):
+    out = runner.invoke(main, ["--help"]).output
+    for command in ("chat", "generate", "pull", "models", "env", "clear-cache", "bench"):
+        assert command in out
+    chat_help = runner.invoke(main, ["chat", "--help"]).output
+    for option in ("--model", "--backend", "--system", "--temperature", "--top-p", "--max-tokens", "/reset", "/exit"):
+        assert option in chat_help
+
+
+def test_unknown_option_is_refused(runner):
+    result = runner.invoke(main, ["chat", "--no-such-option"])
+    assert result.exit_code == 2 and "no-such-option" in result.output
+
+
+@pytest.mark.parametrize("args, problem", [(["--temperature", "-1"], "temperature"),
+                                           (["--top-p", "1.5"], "top_p"),
+                                           (["--max-tokens", "0"], "max-tokens")])
+def test_invalid_sampling_value_names_the_problem(runner, smollm2_dir, args, problem):
+    result = runner.invoke(main, ["generate", "hi", "--model", str(smollm2_dir), "--backend", "cpu", *args])
+    assert result.exit_code != 0 and problem in result.output
+
+
+def test_unknown_model_names_the_problem(runner):
+    result = runner.invoke(main, ["generate", "hi", "--model", "no-such-model-xyz"])
+    assert result.exit_code == 1 and "no-such-model-xyz" in result.output
+
+
+def test_generate_json_matches_the_api(runner, smollm2_dir, smol_llm):
+    result = runner.invoke(main, ["generate", "The capital of France is", "--model", str(smollm2_dir), *GREEDY, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    ref = smol_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    assert data["outputs"][0]["token_ids"] == ref.token_ids
+    assert data["outputs"][0]["text"] == ref.text
+
+
+def test_piped_chat_is_multi_turn_and_resets(runner, smollm2_dir, smol_llm):
+    turns = ["Say hello.", "What did I just ask you?", "/reset", "Name a colour.", "/exit", "never read"]
+    result = runner.invoke(main, ["chat", "--model", str(smollm2_dir), *GREEDY], input="\n".join(turns) + "\n")
+    assert result.exit_code == 0, result.output
+    params = SamplingParams(temperature=0, max_tokens=12)
+    history, expected = [], []
+    for turn in turns[:4]:
+        if turn == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": turn})
+        answer = smol_llm.chat(history, params).outputs[0].text
+        history.append({"role": "assistant", "content": answer})
+        expected.append(answer)
+    assert result.stdout == "".join(a + "\n" for a in expected)
+    assert "tok/s" in result.stderr and "conversation reset" in result.stderr
+
+
+def test_models_and_env(runner, smollm2_dir):
+    models = runner.invoke(main, ["models"])
+    assert models.exit_code == 0 and "smollm2-135m-instruct" in models.output
+    env = runner.invoke(main, ["env"])
+    assert env.exit_code == 0 and "numpy" in env.output and "backend" in env.output
+
+
+def test_clear_cache_of_unknown_name_removes_nothing(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUPAGED_HOME", str(tmp_path))
+    result = runner.invoke(main, ["clear-cache", "nothing-here", "--yes"])
+    assert result.exit_code == 0 and "removed 0" in result.output
