@@ -145,7 +145,8 @@ class LLMEngine:
         seq.append_token(token, logprobs)
         seq.first_token_time = seq.first_token_time or time.monotonic()
         detok = self.requests[seq.request_id].detoks[seq.index]
-        detok.add(token)
+        if not self._is_stop_token(seq, token):  # as in vLLM, a stop token's text is not returned
+            detok.add(token)
         reason = self._finish_reason(seq, token, detok)
         if reason:
             self.scheduler.finish(seq, reason)
@@ -153,11 +154,14 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
         p = seq.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or detok.stopped:
+        if self._is_stop_token(seq, token) or detok.stopped:
             return "stop"
         if (p.max_tokens and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    def _is_stop_token(self, seq: Sequence, token: int) -> bool:
+        return (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
 
     def _output(self, req: Request) -> RequestOutput:
         outs = [CompletionOutput(seq.index, d.text, seq.output_token_ids,
