@@ -107,3 +107,35 @@ def throughput(model, backend, num_requests, concurrency, input_len, output_len,
     result = run_throughput(engine, work)
     result.update(machine=machine_name(), backend=engine.ops.name, concurrency=concurrency, model=model)
     print_result(f"cupaged {engine.ops.name}", result, as_json)
+
+
+STARTUP_SCRIPT = """
+import time
+t0 = time.perf_counter()
+from cupaged import LLM, SamplingParams
+llm = LLM(model={model!r}, backend={backend!r}, progress=False)
+t1 = time.perf_counter()
+llm.generate("Hello", SamplingParams(temperature=0, max_tokens=1))
+print(t1 - t0, time.perf_counter() - t0)
+"""
+
+
+@bench.command()
+@click.option("--model", "-m", default="smollm2-135m-instruct", show_default=True, help="Model to start.")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+def startup(model, backend, repeats):
+    """Warm start: a fresh process loads the (already converted) model and produces its first token."""
+    import subprocess
+    import sys
+    from cupaged.weights.store import resolve_model
+    resolve_model(model)  # convert first, so only the warm start is timed
+    script = STARTUP_SCRIPT.format(model=model, backend=backend)
+    runs = []
+    for _ in range(repeats + 1):  # the first run fills Numba's cache if it is cold
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        runs.append([float(v) for v in out.stdout.split()])
+    load = statistics.median(r[0] for r in runs[1:])
+    first = statistics.median(r[1] for r in runs[1:])
+    click.echo(f"warm start on {machine_name()}: load {load:.2f} s, first token {first:.2f} s "
+               f"(median of {repeats}, process start to token)")
