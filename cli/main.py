@@ -21,7 +21,22 @@ def _fail(e: Exception) -> None:
     raise click.ClickException(str(e)) from e
 
 
+def parse_memory(text: str) -> float:
+    """'0.1' (a fraction of RAM), '2GiB', '512MiB' or a byte count -> EngineConfig.kv_cache_memory."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    lower = text.strip().lower()
+    for unit, scale in units.items():
+        if lower.endswith(unit):
+            return float(lower[:-len(unit)]) * scale
+    try:
+        return float(lower)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a fraction of RAM (0.1) or a size (2GiB, 512MiB)") from None
+
+
 def model_options(f):
+    f = click.option("--kv-cache-memory", default="0.1", show_default=True, callback=lambda c, p, v: parse_memory(v),
+                     help="KV cache budget: a fraction of RAM (0.1) or a size (2GiB, 512MiB).")(f)
     f = click.option("--backend", type=BACKENDS, default="auto", show_default=True,
                      help="Compute backend: cuda when CuPy finds a GPU, else cpu.")(f)
     f = click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
@@ -43,11 +58,12 @@ def sampling_options(f):
     return f
 
 
-def make_llm(model: str, backend: str, max_model_len: int | None, **kwargs):
+def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memory: float, **kwargs):
     from cupaged.errors import CupagedError
     from cupaged.llm import LLM
     try:
-        return LLM(model=model, backend=backend, max_model_len=max_model_len, **kwargs)
+        return LLM(model=model, backend=backend, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+                   **kwargs)
     except CupagedError as e:
         _fail(e)
 
@@ -72,7 +88,8 @@ def main() -> None:
 @model_options
 @sampling_options
 @click.option("--system", "-s", default=None, help="System prompt for the conversation.")
-def chat(model, backend, max_model_len, verbose, temperature, top_p, top_k, max_tokens, seed, system):
+def chat(model, backend, max_model_len, kv_cache_memory, verbose, temperature, top_p, top_k, max_tokens, seed,
+         system):
     """Chat with a model, streaming its answers.
 
     Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) leaves.
@@ -81,7 +98,7 @@ def chat(model, backend, max_model_len, verbose, temperature, top_p, top_k, max_
     """
     from cupaged.cli.chat import run_chat  # imported here to keep `--help` fast
     _setup_logging(verbose)
-    llm = make_llm(model, backend, max_model_len)
+    llm = make_llm(model, backend, max_model_len, kv_cache_memory)
     params = make_params(temperature, top_p, top_k, max_tokens, seed)
     run_chat(llm, params, system, verbose)
 
@@ -94,11 +111,11 @@ def chat(model, backend, max_model_len, verbose, temperature, top_p, top_k, max_
 @click.option("--stop", multiple=True, help="Stop string (repeatable); it is not included in the output.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of completions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def generate(prompt, model, backend, max_model_len, verbose, temperature, top_p, top_k, max_tokens, seed,
-             use_chat, stop, n, as_json):
+def generate(prompt, model, backend, max_model_len, kv_cache_memory, verbose, temperature, top_p, top_k, max_tokens,
+             seed, use_chat, stop, n, as_json):
     """Generate a completion for PROMPT once and print it."""
     _setup_logging(verbose)
-    llm = make_llm(model, backend, max_model_len)
+    llm = make_llm(model, backend, max_model_len, kv_cache_memory)
     params = make_params(temperature, top_p, top_k, max_tokens, seed, stop=list(stop), n=n)
     from cupaged.errors import CupagedError
     try:

@@ -82,3 +82,14 @@ def test_clear_cache_of_unknown_name_removes_nothing(runner, tmp_path, monkeypat
     monkeypatch.setenv("CUPAGED_HOME", str(tmp_path))
     result = runner.invoke(main, ["clear-cache", "nothing-here", "--yes"])
     assert result.exit_code == 0 and "removed 0" in result.output
+
+
+def test_kv_cache_memory_too_small_is_named(runner, smollm2_dir):
+    result = runner.invoke(main, ["generate", "hi", "--model", str(smollm2_dir), "--backend", "cpu",
+                                  "--kv-cache-memory", "1KiB"])
+    assert result.exit_code == 1 and "KV cache budget" in result.output
+
+
+def test_kv_cache_memory_unparseable_is_refused(runner):
+    result = runner.invoke(main, ["generate", "hi", "--kv-cache-memory", "lots"])
+    assert result.exit_code == 2 and "lots" in result.output
