@@ -20,21 +20,15 @@ def engine_logits(engine, ids: list[int]) -> np.ndarray:
 
 def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
     """transformers' greedy continuation of ids (EOS not special: exactly n tokens), with the
-    top-1 vs top-2 logit margin of the raw logits at each step."""
-    import copy
-
+    top-1 vs top-2 logit margin at each step. A plain argmax loop over full forwards, no cache."""
     import torch
-    config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None
-    config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
+    seq, tokens, margins = list(ids), [], []
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), generation_config=config, max_new_tokens=n,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    tokens = out.sequences[0, len(ids):].tolist()
-    margins = []
-    for step in out.logits:
-        top = torch.topk(step[0], 2).values
-        margins.append(float(top[0] - top[1]))
+        for _ in range(n):
+            top = torch.topk(model(torch.tensor([seq])).logits[0, -1], 2)
+            tokens.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            seq.append(tokens[-1])
     return tokens, margins
 
 
