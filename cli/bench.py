@@ -32,8 +32,15 @@ def synthetic_workload(num_requests: int, input_len: tuple[int, int], output_len
 
 
 def machine_name() -> str:
+    """'AMD EPYC, 2 cores (x86_64)': the CPU model from /proc/cpuinfo where there is one."""
     import os
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}"
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model or platform.system()}, {os.cpu_count()} cores ({platform.machine()})"
 
 
 def run_throughput(engine, work: list[tuple[list[int], int]]) -> dict:
@@ -138,4 +145,4 @@ def startup(model, backend, repeats):
     load = statistics.median(r[0] for r in runs[1:])
     first = statistics.median(r[1] for r in runs[1:])
     click.echo(f"warm start on {machine_name()}: load {load:.2f} s, first token {first:.2f} s "
-               f"(median of {repeats}, process start to token)")
+               f"(median of {repeats}, from `import cupaged` to the token)")
