@@ -1,0 +1,64 @@
+"""Where one decode step's time goes, op by op, on the CPU backend.
+
+    python benchmarks/decode_breakdown.py --batch 16 --steps 40
+
+Submits `batch` synthetic requests (prompts 64-256 tokens, seed 0), runs the prefill, then times
+`steps` decode steps with a timer around every backend op (no profiler overhead beyond that).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+from cupaged.backend.cpu import CpuOps
+from cupaged.cli.bench import machine_name, synthetic_workload
+from cupaged.config import EngineConfig
+from cupaged.engine.engine import LLMEngine
+from cupaged.sampling_params import SamplingParams
+
+OPS = ("linear", "paged_attention", "write_kv", "silu_and_mul", "fused_add_rms_norm", "rotary_embedding",
+       "rms_norm", "embedding")
+
+
+def instrument(totals: collections.Counter) -> None:
+    for name in OPS:
+        op = getattr(CpuOps, name)
+
+        def timed(self, *args, _op=op, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _op(self, *args, **kwargs)
+            finally:
+                totals[_name] += time.perf_counter() - start
+        setattr(CpuOps, name, timed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    totals: collections.Counter = collections.Counter()
+    instrument(totals)
+    engine = LLMEngine(EngineConfig(model=args.model, backend="cpu", max_num_seqs=args.batch, progress=False,
+                                    kv_cache_memory=512 * 2**20))
+    for i, (ids, _) in enumerate(synthetic_workload(args.batch, (64, 256), (1, 1), engine.model_config.vocab_size)):
+        engine.add_request(f"r{i}", {"prompt_token_ids": ids},
+                           SamplingParams(temperature=0, max_tokens=args.steps + 2, ignore_eos=True))
+    engine.step()  # the prefill
+    engine.step()  # one warm decode
+    totals.clear()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    step_ms = (time.perf_counter() - start) / args.steps * 1e3
+    print(f"decode step at batch {args.batch} on {machine_name()}: {step_ms:.1f} ms")
+    for name, seconds in totals.most_common():
+        print(f"  {name:20s} {seconds / args.steps * 1e3:7.2f} ms")
+    print(f"  {'other':20s} {step_ms - sum(totals.values()) / args.steps * 1e3:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
