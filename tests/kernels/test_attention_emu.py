@@ -1,5 +1,6 @@
 """cuda/paged_attention.cu (decode) and cuda/paged_prefill.cu, run from their exact source by
-the host emulator (tests/emu), against the float64 reference that walks the block table.
+the host emulator (tests/emu) -- and on a device through CuPy with `pytest -m gpu` (`kernel_module`,
+conftest.py) -- against the float64 reference that walks the block table.
 
 K/V of each sequence sit in randomly permuted cache blocks; every slot that holds no token
 is NaN, so a kernel that reads past a sequence's end poisons its output. Outputs (and the
@@ -24,13 +25,13 @@ TOL = {"f16": (1e-2, 1e-3), "bf16": (1e-2, 4e-3)}  # (rtol, atol) against float6
 
 
 @pytest.fixture(scope="module")
-def decode_mod():
-    return emu.load_module("cuda/paged_attention.cu", asan=False)
+def decode_mod(kernel_module):
+    return kernel_module("cuda/paged_attention.cu", asan=False)
 
 
 @pytest.fixture(scope="module")
-def prefill_mod():
-    return emu.load_module("cuda/paged_prefill.cu", asan=False)
+def prefill_mod(kernel_module):
+    return kernel_module("cuda/paged_prefill.cu", asan=False)
 
 
 @pytest.fixture
@@ -140,7 +141,9 @@ SCHEDULES = ["interleaved", "warp_serial"]
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 @pytest.mark.parametrize("d,bs,hq,hk,seq_lens,window", DECODE_CASES)
-def test_decode(decode_mod, rng, dtype, d, bs, hq, hk, seq_lens, window, schedule):
+def test_decode(kernel_module, decode_mod, rng, dtype, d, bs, hq, hk, seq_lens, window, schedule):
+    if schedule != "interleaved":
+        kernel_module.emu_only("thread schedules exist only in the emulator")
     batch = make_batch(rng, [1] * len(seq_lens), seq_lens, hq, hk, d, bs, dtype)
     out, _ = run_decode(decode_mod, batch, hq, hk, d, bs, dtype, window, schedule=schedule)
     check(out, reference(batch, d, window), dtype)
@@ -194,7 +197,9 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 @pytest.mark.parametrize("d,bs,hq,hk,seqs,window", PREFILL_CASES)
-def test_prefill(prefill_mod, rng, dtype, d, bs, hq, hk, seqs, window, schedule):
+def test_prefill(kernel_module, prefill_mod, rng, dtype, d, bs, hq, hk, seqs, window, schedule):
+    if schedule != "interleaved":
+        kernel_module.emu_only("thread schedules exist only in the emulator")
     q_lens, seq_lens = zip(*seqs)
     batch = make_batch(rng, list(q_lens), list(seq_lens), hq, hk, d, bs, dtype)
     out = run_prefill(prefill_mod, batch, hq, hk, d, bs, dtype, window, schedule=schedule)

@@ -1,4 +1,5 @@
-"""The CUDA kernels of cuda/*.cu, run on the CPU through the host emulator (tests/emu).
+"""The CUDA kernels of cuda/*.cu, run on the CPU through the host emulator (tests/emu) and, with
+`pytest -m gpu` on a machine with CuPy and a device, the same grid on the GPU (`kernel_module`, conftest.py).
 
 Each kernel and dtype is compared with a naive float64 reference (tests/kernels/reference.py
 or a formula here) on fresh random inputs (never zeros). Outputs are poisoned with 0xFF
@@ -14,7 +15,7 @@ import pytest
 from tests.kernels import reference as ref
 
 harness = pytest.importorskip("tests.emu.harness", reason="host emulation harness (tests/emu/harness.py) not present")
-load_module, to_bf16, from_bf16 = harness.load_module, harness.to_bf16, harness.from_bf16
+to_bf16, from_bf16 = harness.to_bf16, harness.from_bf16
 
 DTYPES = ["f16", "bf16", "f32"]
 TOL = {"f16": (1e-2, 1e-2), "bf16": (2e-2, 2e-2), "f32": (1e-5, 1e-5)}  # (rtol, atol)
@@ -64,8 +65,8 @@ NORM_SHAPES = [(1, 8), (3, 13), (5, 64), (2, 100), (4, 4096), (2, 9000), (3, 819
 
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("T,H", NORM_SHAPES)
-def test_rms_norm(rng, dt, T, H):
-    mod = load_module("cuda/layernorm.cu", asan=False)
+def test_rms_norm(kernel_module, rng, dt, T, H):
+    mod = kernel_module("cuda/layernorm.cu", asan=False)
     x, w = to_dev(rand(rng, T, H), dt), to_dev(rand(rng, H), dt)
     out = poisoned((T, H), dt)
     eps = 1e-5
@@ -77,8 +78,8 @@ def test_rms_norm(rng, dt, T, H):
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("T,H", NORM_SHAPES)
 @pytest.mark.parametrize("block", [64, 256])
-def test_fused_add_rms_norm(rng, dt, T, H, block):
-    mod = load_module("cuda/layernorm.cu", asan=False)
+def test_fused_add_rms_norm(kernel_module, rng, dt, T, H, block):
+    mod = kernel_module("cuda/layernorm.cu", asan=False)
     x, res, w = to_dev(rand(rng, T, H), dt), to_dev(rand(rng, T, H), dt), to_dev(rand(rng, H), dt)
     res_in = from_dev(res, dt)
     out = poisoned((T, H), dt)
@@ -94,8 +95,8 @@ def test_fused_add_rms_norm(rng, dt, T, H, block):
 # --- activation.cu ------------------------------------------------------------------------
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("T,I", [(1, 8), (3, 7), (2, 36), (4, 1000), (2, 3001)])
-def test_silu_and_mul(rng, dt, T, I):
-    mod = load_module("cuda/activation.cu", asan=False)
+def test_silu_and_mul(kernel_module, rng, dt, T, I):
+    mod = kernel_module("cuda/activation.cu", asan=False)
     x = to_dev(rand(rng, T, 2 * I), dt)
     out = poisoned((T, I), dt)
     mod.launch(f"silu_and_mul_{dt}", grid=(T, 2), block=(128,), args=[out, x, np.int32(I)], shared_mem=0)
@@ -108,9 +109,9 @@ def test_silu_and_mul(rng, dt, T, I):
 @pytest.mark.parametrize("T,Hq,Hk,D,rot,pad", [(1, 2, 1, 8, 8, 0), (5, 4, 2, 64, 64, 0),
                                                (3, 6, 2, 80, 32, 0), (4, 3, 3, 16, 10, 5),
                                                (2, 8, 1, 128, 128, 16)])
-def test_rotary(rng, dt, is_neox, T, Hq, Hk, D, rot, pad):
+def test_rotary(kernel_module, rng, dt, is_neox, T, Hq, Hk, D, rot, pad):
     """pad > 0 puts q in a wider buffer (q_stride > Hq * D), as a view into fused qkv would."""
-    mod = load_module("cuda/rotary.cu", asan=False)
+    mod = kernel_module("cuda/rotary.cu", asan=False)
     max_pos = 64
     cs = ref.cos_sin_cache(max_pos, rot)
     positions = rng.integers(0, max_pos, T).astype(np.int32)
@@ -128,11 +129,11 @@ def test_rotary(rng, dt, is_neox, T, Hq, Hk, D, rot, pad):
     assert np.array_equal(qn[:, Hq * D:], tail0), "padding past the q heads was touched"
 
 
-def test_rotary_matches_cpu_backend(rng):
+def test_rotary_matches_cpu_backend(kernel_module, rng):
     """fp32 kernel against CpuOps.rotary_embedding (the backend's reference semantics)."""
     from cupaged.backend.cpu import CpuOps
 
-    mod = load_module("cuda/rotary.cu", asan=False)
+    mod = kernel_module("cuda/rotary.cu", asan=False)
     T, Hq, Hk, D, rot = 4, 4, 2, 32, 24
     cs = ref.cos_sin_cache(128, rot)
     positions = rng.integers(0, 128, T).astype(np.int32)
@@ -150,8 +151,8 @@ def test_rotary_matches_cpu_backend(rng):
 # --- kv_cache.cu --------------------------------------------------------------------------
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("T,Hk,D,BS,NB", [(1, 1, 8, 4, 2), (7, 2, 64, 16, 3), (5, 3, 5, 8, 4), (9, 4, 128, 16, 2)])
-def test_reshape_and_cache(rng, dt, T, Hk, D, BS, NB):
-    mod = load_module("cuda/kv_cache.cu", asan=False)
+def test_reshape_and_cache(kernel_module, rng, dt, T, Hk, D, BS, NB):
+    mod = kernel_module("cuda/kv_cache.cu", asan=False)
     k, v = to_dev(rand(rng, T, Hk, D), dt), to_dev(rand(rng, T, Hk, D), dt)
     kc, vc = to_dev(rand(rng, NB, BS, Hk, D), dt), to_dev(rand(rng, NB, BS, Hk, D), dt)
     slots = rng.permutation(NB * BS)[:T].astype(np.int32)
@@ -165,8 +166,8 @@ def test_reshape_and_cache(rng, dt, T, Hk, D, BS, NB):
 
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("BS,Hk,D", [(4, 1, 8), (16, 2, 64), (3, 3, 5)])
-def test_copy_blocks(rng, dt, BS, Hk, D):
-    mod = load_module("cuda/kv_cache.cu", asan=False)
+def test_copy_blocks(kernel_module, rng, dt, BS, Hk, D):
+    mod = kernel_module("cuda/kv_cache.cu", asan=False)
     NB = 8
     kc, vc = to_dev(rand(rng, NB, BS, Hk, D), dt), to_dev(rand(rng, NB, BS, Hk, D), dt)
     perm = rng.permutation(NB)
@@ -183,8 +184,8 @@ def test_copy_blocks(rng, dt, BS, Hk, D):
 # --- sampling.cu --------------------------------------------------------------------------
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("B,V", [(1, 1), (3, 7), (4, 1000), (2, 5003)])
-def test_argmax(rng, dt, B, V):
-    mod = load_module("cuda/sampling.cu", asan=False)
+def test_argmax(kernel_module, rng, dt, B, V):
+    mod = kernel_module("cuda/sampling.cu", asan=False)
     logits = to_dev(rand(rng, B, V) * 4, dt)
     vals = from_dev(logits, dt)
     if V > 3:  # a tie at the maximum (lowest index wins) and a NaN (ignored)
@@ -215,10 +216,10 @@ def allowed_set(l: np.ndarray, k: int, p: float) -> np.ndarray:
 
 @pytest.mark.parametrize("dt", ["f32", "f16"])
 @pytest.mark.parametrize("V", [50, 777, 4099])
-def test_sample_top_k_top_p(rng, dt, V):
+def test_sample_top_k_top_p(kernel_module, rng, dt, V):
     """Each row's u is placed mid-interval of a chosen allowed token, so the expected index is
     unambiguous; greedy rows (temperature 0) and top_k = 1 rows must give the argmax."""
-    mod = load_module("cuda/sampling.cu", asan=False)
+    mod = kernel_module("cuda/sampling.cu", asan=False)
     B = 12
     logits = to_dev(rng.normal(0.0, 3.0, (B, V)), dt)
     vals = from_dev(logits, dt)
