@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from cupaged.backend.ops import Ops
 from cupaged.config import EngineConfig
 from cupaged.engine.engine import LLMEngine
 from cupaged.outputs import RequestOutput
@@ -16,10 +17,12 @@ from cupaged.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = EngineConfig.model, backend: str = "auto", **kwargs):
-        """kwargs are EngineConfig fields: block_size, max_num_seqs, max_num_batched_tokens,
-        max_model_len, kv_cache_memory, seed, progress."""
-        self.engine = LLMEngine(EngineConfig(model=model, backend=backend, **kwargs))
+    def __init__(self, model: str = EngineConfig.model, backend: str | Ops = "auto", **kwargs):
+        """backend: "auto", "cpu", "cuda", or a ready `Ops` instance. kwargs are EngineConfig fields:
+        dtype, block_size, max_num_seqs, max_num_batched_tokens, max_model_len, kv_cache_memory, seed, progress."""
+        ops = backend if isinstance(backend, Ops) else None
+        config = EngineConfig(model=model, backend=ops.name if ops else backend, **kwargs)
+        self.engine = LLMEngine(config, ops=ops)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -18,11 +18,14 @@ def cuda_available() -> bool:
         return False
 
 
-def get_ops(backend: str = "auto") -> Ops:
+def get_ops(backend: str = "auto", dtype: str = "auto") -> Ops:
+    """dtype: "auto" (CPU float32, CUDA float16), or "float16" / "bfloat16" on CUDA."""
     if backend == "auto":
         backend = "cuda" if cuda_available() and _has_cuda_backend() else "cpu"
     if backend == "cpu":
         from cupaged.backend.cpu import CpuOps
+        if dtype not in ("auto", "float32"):
+            raise CupagedError(f"the CPU backend computes in float32; dtype {dtype!r} needs backend='cuda'")
         return CpuOps()
     if backend == "cuda":
         if not cuda_available():
@@ -30,7 +33,7 @@ def get_ops(backend: str = "auto") -> Ops:
         if not _has_cuda_backend():
             raise CupagedError("the CUDA backend is not part of this build yet; use backend='cpu'")
         from cupaged.backend.cuda import CudaOps
-        return CudaOps()
+        return CudaOps(dtype="float16" if dtype == "auto" else dtype)
     raise CupagedError(f"unknown backend {backend!r}: choose auto, cpu or cuda")
 
 

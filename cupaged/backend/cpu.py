@@ -33,7 +33,8 @@ class CpuOps(Ops):
     """`Ops` on NumPy arrays. Shapes as in `cupaged.backend.ops`."""
 
     name = "cpu"
-    dtype = np.float32
+    dtype = np.float32   # the compute dtype: weights, activations and KV cache
+    itemsize = 4
 
     # --- arrays -----------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Array:

@@ -46,6 +46,8 @@ class Ops(ABC):
     """Compute ops shared by all backends. See the module docstring for shape letters."""
 
     name: str = "abstract"
+    dtype: Any = None   # compute dtype token for asarray/zeros: weights, activations, KV cache
+    itemsize: int = 0   # bytes per element of that dtype (sizes the KV pool)
 
     # --- arrays -----------------------------------------------------------------------
     @abstractmethod

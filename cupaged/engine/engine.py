@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cupaged.backend import get_ops
+from cupaged.backend import Ops, get_ops
 from cupaged.config import EngineConfig
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner
@@ -41,12 +41,13 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, ops: Ops | None = None):
+        """ops: a ready backend instance (e.g. CudaOps with a chosen device); default get_ops(config.backend)."""
         self.config = config
         self.model_dir = resolve_model(config.model, progress=config.progress)
         cfg = self.model_config = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
-        self.ops = get_ops(config.backend)
+        self.ops = ops if ops is not None else get_ops(config.backend, config.dtype)
         self.model = LlamaModel(cfg, self.ops, load_model_weights(self.model_dir, cfg))
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         num_blocks = self._num_blocks()
@@ -62,7 +63,7 @@ class LLMEngine:
 
     def _num_blocks(self) -> int:
         bs, budget = self.config.block_size, self.config.kv_cache_bytes()
-        per_block = bs * self.model_config.kv_bytes_per_token(4)
+        per_block = bs * self.model_config.kv_bytes_per_token(self.ops.itemsize)
         num_blocks = budget // per_block
         if num_blocks * bs < self.max_model_len:
             need = -(-self.max_model_len // bs) * per_block

@@ -17,23 +17,24 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, dtype=np.float32):
+    def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, dtype=None):
         cfg = model.cfg
         self.model, self.ops, self.block_size = model, ops, block_size
+        dtype = ops.dtype if dtype is None else dtype  # the backend's compute dtype
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
         logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
-                    2 * cfg.num_layers * np.prod(shape) * np.dtype(dtype).itemsize / 2**20)
+                    2 * cfg.num_layers * self.kv_caches[0][0].nbytes / 2**20)
 
     def run(self, batch: ScheduledBatch) -> np.ndarray:
-        """Compute the batch's tokens; return host logits [S, V] for the sequences that sample."""
+        """Compute the batch's tokens; return host float32 logits [S, V] for the sequences that sample."""
         if batch.blocks_to_copy:
             pairs = self.ops.asarray(np.array(batch.blocks_to_copy, dtype=np.int32))
             for k_cache, v_cache in self.kv_caches:
                 self.ops.copy_blocks(k_cache, v_cache, pairs)
         input_ids, meta = self.prepare(batch)
         logits = self.model.forward(input_ids, meta, self.kv_caches)
-        return self.ops.to_numpy(logits)
+        return np.asarray(self.ops.to_numpy(logits), dtype=np.float32)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[object, AttnMetadata]:
         """Pack the batch's new tokens and plan attention for every layer."""

@@ -53,12 +53,14 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, ops: Ops, tensors: dict[str, np.ndarray], dtype=np.float32):
-        """tensors: host arrays by HF name (already checked against expected_tensors)."""
+    def __init__(self, cfg: ModelConfig, ops: Ops, tensors: dict[str, np.ndarray], dtype=None):
+        """tensors: host arrays by HF name (already checked against expected_tensors).
+        dtype: the weights' dtype on the device, by default the backend's compute dtype `ops.dtype`."""
         self.cfg, self.ops = cfg, ops
+        dtype = ops.dtype if dtype is None else dtype
 
         def dev(*names: str) -> Array:
-            parts = [np.asarray(tensors[n], dtype=dtype) for n in names]
+            parts = [np.asarray(tensors[n], dtype=np.float32) for n in names]
             return ops.asarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0), dtype)
 
         self.embed = dev("model.embed_tokens.weight")

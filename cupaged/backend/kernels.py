@@ -1,0 +1,251 @@
+"""Kernel loading and launching for the CUDA backend, behind a small `Device` seam.
+
+A `Device` supplies the array module (`xp`), one compiled module per `cuda/*.cu` file, a raw
+launch and a GEMM. `CupyDevice` is the real one: CuPy arrays, NVRTC through
+`cupy.RawModule(code=...)` (a `.cu` file is read as text: `RawModule(path=)` only loads
+cubin/PTX), and cuBLAS `cublasGemmEx` called through ctypes on a handle of our own (CuPy's
+cuBLAS wrappers refuse to run during CUDA graph capture). The test suite adds an emulation
+device (`tests/emu/device.py`) with NumPy arrays and the host emulator, so this file holds
+no test code.
+
+Nothing compiles at import, and nothing here imports CuPy at import time: a module is
+compiled the first time one of its kernels is launched, once per file (`functools.cache`,
+plus CuPy's own on-disk cache).
+
+    >>> k = device.kernel("layernorm.cu", "rms_norm_f16")
+    >>> launch(k, grid=(T,), block=(256,), args=[out, x, w, np.float32(eps), np.int32(H)], shared_mem=0)
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAX_THREADS = 1024
+DEFAULT_DYN_SMEM = 48 * 1024   # above this a kernel must opt in (cudaFuncAttributeMaxDynamicSharedMemorySize)
+SCALARS = (np.int32, np.float32, np.uint32)  # the only scalar types a launch accepts
+NVRTC_OPTIONS = ("--std=c++17",)  # CuPy adds -arch for the current device itself
+
+
+# ---- sources -------------------------------------------------------------------------------------
+def source_path(file: str) -> Path:
+    """The path of cuda/<file>: the installed package data `cupaged.cuda`, else the repository's cuda/."""
+    try:
+        p = importlib.resources.files("cupaged.cuda") / file
+        if p.is_file():
+            return Path(str(p))
+    except (ModuleNotFoundError, TypeError):  # an editable checkout maps no cupaged.cuda package
+        pass
+    p = Path(__file__).resolve().parents[2] / "cuda" / file
+    if not p.is_file():
+        raise FileNotFoundError(f"kernel source {file} is neither package data (cupaged.cuda) nor in {p.parent}")
+    return p
+
+
+@functools.cache
+def source_text(file: str) -> str:
+    return source_path(file).read_text()
+
+
+# ---- the device seam -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kernel:
+    """One entry point of one source file on one device (cheap: nothing compiles until launch)."""
+
+    device: "Device"
+    file: str
+    name: str
+
+
+class Device:
+    """What the CUDA backend needs from a device. Subclasses set `name`, `xp`, `max_shared_mem`."""
+
+    name = "abstract"
+    xp: Any = None
+    max_shared_mem = DEFAULT_DYN_SMEM
+
+    def kernel(self, file: str, name: str) -> Kernel:
+        return Kernel(self, file, name)
+
+    def is_array(self, a) -> bool:
+        return isinstance(a, self.xp.ndarray)
+
+    def run(self, kernel: Kernel, grid: tuple, block: tuple, args: list, shared_mem: int) -> None:
+        """Launch, after `launch` checked the arguments."""
+        raise NotImplementedError
+
+    def gemm(self, x, w, bias=None, bf16: bool = False):
+        """x [M, K] @ w [N, K].T (+ bias [N]) -> new [M, N] in x's dtype, fp32 accumulation. x, w and bias
+        share one storage dtype: float16, or bfloat16 as uint16 bit patterns when `bf16` is set."""
+        raise NotImplementedError
+
+
+def _dim3(v, what: str) -> tuple[int, int, int]:
+    t = (v,) if isinstance(v, (int, np.integer)) else tuple(v)
+    if not 1 <= len(t) <= 3 or not all(isinstance(x, (int, np.integer)) and x >= 1 for x in t):
+        raise ValueError(f"{what} must be 1 to 3 positive ints, got {v!r}")
+    return tuple(int(x) for x in t) + (1,) * (3 - len(t))
+
+
+def launch(kernel: Kernel, *, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch `kernel` over grid x block with `shared_mem` bytes of dynamic shared memory.
+
+    Checks what the hardware would silently get wrong: at most 1024 threads per block, dynamic
+    shared memory within the device's opt-in limit, arguments that are device arrays, None
+    (a null pointer) or np.int32 / np.float32 / np.uint32 scalars. A Python int or float is
+    refused (CuPy would pass a float as a double, which the kernel would misread)."""
+    dev = kernel.device
+    g, b = _dim3(grid, "grid"), _dim3(block, "block")
+    if b[0] * b[1] * b[2] > MAX_THREADS:
+        raise ValueError(f"{kernel.name}: block {b} has more than {MAX_THREADS} threads")
+    if not 0 <= shared_mem <= dev.max_shared_mem:
+        raise ValueError(f"{kernel.name}: {shared_mem} B of dynamic shared memory; the device allows "
+                         f"{dev.max_shared_mem} B")
+    for i, a in enumerate(args):
+        if a is None or dev.is_array(a):
+            continue
+        if type(a) not in SCALARS:
+            raise TypeError(f"{kernel.name}: argument {i} is {type(a).__name__} {a!r}; pass device arrays or "
+                            f"np.int32 / np.float32 scalars")
+    dev.run(kernel, g, b, list(args), int(shared_mem))
+
+
+# ---- CuPy + cuBLAS -------------------------------------------------------------------------------
+# cudaDataType_t and cuBLAS enums (cublas_api.h, library_types.h)
+CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUBLAS_COMPUTE_32F = 68
+CUBLAS_GEMM_DEFAULT = -1
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # NVIDIA's recommendation for Hopper; plenty for Ampere
+
+
+@functools.cache
+def _raw_module(file: str, options: tuple[str, ...]):
+    import cupy
+    return cupy.RawModule(code=source_text(file), options=options)
+
+
+def _find_cublas() -> ctypes.CDLL:
+    """The libcublas that CuPy loaded (same process, same handle type), else the system's."""
+    import ctypes.util
+
+    import cupy
+
+    cupy.cuda.device.get_cublas_handle()  # makes CuPy load libcublas into the process
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcublas.so" in line and "libcublasLt" not in line}
+    except OSError:
+        paths = set()
+    for p in sorted(paths) + [ctypes.util.find_library("cublas") or "", "libcublas.so"]:
+        if p:
+            try:
+                return ctypes.CDLL(p)
+            except OSError:
+                continue
+    raise OSError("cannot find libcublas (install CuPy's CUDA libraries or the CUDA toolkit)")
+
+
+class _Cublas:
+    """One cuBLAS handle with its own workspace, driven through ctypes.
+
+    The handle's stream is set to CuPy's current stream when it changes; setting a stream drops a
+    user workspace, so the workspace (allocated once, before any capture) is set again right after.
+    Neither call allocates or enqueues work, so a GEMM can be captured into a CUDA graph."""
+
+    def __init__(self):
+        import cupy
+
+        self.lib = lib = _find_cublas()
+        for fn in ("cublasCreate_v2", "cublasSetStream_v2", "cublasSetWorkspace_v2", "cublasGemmEx"):
+            getattr(lib, fn).restype = ctypes.c_int
+        lib.cublasGemmEx.argtypes = [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        handle = ctypes.c_void_p()
+        self._check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+        self.handle = handle
+        self.workspace = cupy.empty(CUBLAS_WORKSPACE_BYTES, dtype=cupy.uint8)
+        self.stream = None
+        self.one = np.ones(1, np.float32)    # host scalars (the default host pointer mode)
+        self.zero = np.zeros(1, np.float32)
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def set_stream(self, stream_ptr: int) -> None:
+        if stream_ptr != self.stream:
+            self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)), "cublasSetStream")
+            self._check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
+                                                       ctypes.c_size_t(self.workspace.nbytes)), "cublasSetWorkspace")
+            self.stream = stream_ptr
+
+    def gemm_rowmajor(self, x, w, out, in_type: int, out_type: int, accumulate: bool) -> None:
+        """out [M, N] (+)= x [M, K] @ w [N, K].T, all row-major and C-contiguous.
+
+        cuBLAS is column-major: row-major out is column-major out^T [N, M] (ld N), row-major w is
+        column-major w^T [K, N] (ld K) and row-major x is x^T [K, M] (ld K). So
+        out^T = op_T(w^T) @ x^T: transa = T on w, transb = N on x, m = N, n = M, k = K."""
+        import cupy
+
+        m_rows, k = x.shape
+        n = w.shape[0]
+        self.set_stream(cupy.cuda.get_current_stream().ptr)
+        beta = self.one if accumulate else self.zero
+        self._check(self.lib.cublasGemmEx(
+            self.handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m_rows, k,
+            self.one.ctypes.data, w.data.ptr, in_type, k, x.data.ptr, in_type, k,
+            beta.ctypes.data, out.data.ptr, out_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmEx")
+
+
+class CupyDevice(Device):
+    """The current CuPy device: NVRTC modules, raw launches on the current stream, cuBLAS GEMMs."""
+
+    name = "cupy"
+
+    def __init__(self):
+        import cupy
+
+        self.xp = cupy
+        dev = cupy.cuda.Device()
+        self.max_shared_mem = int(dev.attributes.get("MaxSharedMemoryPerBlockOptin", DEFAULT_DYN_SMEM))
+        self.compute_capability = dev.compute_capability
+        self._functions: dict[tuple[str, str], Any] = {}
+        self._opted_in: dict[tuple[str, str], int] = {}
+        self._blas: _Cublas | None = None
+
+    def function(self, kernel: Kernel):
+        key = (kernel.file, kernel.name)
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = self._functions[key] = _raw_module(kernel.file, NVRTC_OPTIONS).get_function(kernel.name)
+        return fn
+
+    def run(self, kernel: Kernel, grid, block, args, shared_mem) -> None:
+        fn = self.function(kernel)
+        key = (kernel.file, kernel.name)
+        if shared_mem > DEFAULT_DYN_SMEM and self._opted_in.get(key, DEFAULT_DYN_SMEM) < shared_mem:
+            fn.max_dynamic_shared_size_bytes = shared_mem
+            self._opted_in[key] = shared_mem
+        fn(grid, block, tuple(args), shared_mem=shared_mem)
+
+    def gemm(self, x, w, bias=None, bf16: bool = False):
+        import cupy
+
+        blas = self._blas = self._blas or _Cublas()
+        dtype = CUDA_R_16BF if bf16 else CUDA_R_16F
+        out = cupy.empty((x.shape[0], w.shape[0]), dtype=x.dtype)
+        if x.shape[0] == 0:
+            return out
+        if bias is not None:
+            out[...] = bias  # a broadcast copy of the bits (uint16 for bf16 too); the GEMM adds onto it, beta = 1
+        blas.gemm_rowmajor(x, w, out, dtype, dtype, accumulate=bias is not None)
+        return out
