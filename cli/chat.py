@@ -15,7 +15,7 @@ def run_chat(llm, params, system: str | None, verbose: bool) -> None:
     """Multi-turn chat: stream each answer, keep the history, report tokens/s."""
     interactive = sys.stdin.isatty()
     engine = llm.engine
-    click.echo(f"cupaged chat: {llm.engine.config.model} on {engine.ops.name} (float32). {HELP}", err=True)
+    click.echo(f"cupaged chat: {llm.engine.config.model} on {engine.ops.name} ({engine.ops.dtype_name}). {HELP}", err=True)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     while True:
         line = _read_line(interactive)

@@ -35,6 +35,8 @@ def parse_memory(text: str) -> float:
 
 
 def model_options(f):
+    f = click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+                     show_default=True, help="Compute dtype: auto is float32 on the CPU, float16 on CUDA.")(f)
     f = click.option("--kv-cache-memory", default="0.1", show_default=True, callback=lambda c, p, v: parse_memory(v),
                      help="KV cache budget: a fraction of RAM (0.1) or a size (2GiB, 512MiB).")(f)
     f = click.option("--backend", type=BACKENDS, default="auto", show_default=True,
@@ -58,12 +60,13 @@ def sampling_options(f):
     return f
 
 
-def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memory: float, **kwargs):
+def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memory: float, dtype: str = "auto",
+             **kwargs):
     from cupaged.errors import CupagedError
     from cupaged.llm import LLM
     try:
         return LLM(model=model, backend=backend, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                   **kwargs)
+                   dtype=dtype, **kwargs)
     except CupagedError as e:
         _fail(e)
 
@@ -88,7 +91,7 @@ def main() -> None:
 @model_options
 @sampling_options
 @click.option("--system", "-s", default=None, help="System prompt for the conversation.")
-def chat(model, backend, max_model_len, kv_cache_memory, verbose, temperature, top_p, top_k, max_tokens, seed,
+def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, temperature, top_p, top_k, max_tokens, seed,
          system):
     """Chat with a model, streaming its answers.
 
@@ -98,7 +101,7 @@ def chat(model, backend, max_model_len, kv_cache_memory, verbose, temperature, t
     """
     from cupaged.cli.chat import run_chat  # imported here to keep `--help` fast
     _setup_logging(verbose)
-    llm = make_llm(model, backend, max_model_len, kv_cache_memory)
+    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype)
     params = make_params(temperature, top_p, top_k, max_tokens, seed)
     run_chat(llm, params, system, verbose)
 
@@ -111,11 +114,11 @@ def chat(model, backend, max_model_len, kv_cache_memory, verbose, temperature, t
 @click.option("--stop", multiple=True, help="Stop string (repeatable); it is not included in the output.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of completions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def generate(prompt, model, backend, max_model_len, kv_cache_memory, verbose, temperature, top_p, top_k, max_tokens,
+def generate(prompt, model, backend, max_model_len, kv_cache_memory, dtype, verbose, temperature, top_p, top_k, max_tokens,
              seed, use_chat, stop, n, as_json):
     """Generate a completion for PROMPT once and print it."""
     _setup_logging(verbose)
-    llm = make_llm(model, backend, max_model_len, kv_cache_memory)
+    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype)
     params = make_params(temperature, top_p, top_k, max_tokens, seed, stop=list(stop), n=n)
     from cupaged.errors import CupagedError
     try:

@@ -49,6 +49,12 @@ class Ops(ABC):
     dtype: Any = None   # compute dtype token for asarray/zeros: weights, activations, KV cache
     itemsize: int = 0   # bytes per element of that dtype (sizes the KV pool)
 
+    @property
+    def dtype_name(self) -> str:
+        """'float32', 'float16' or 'bfloat16': what the CLI tells the user it computes in."""
+        import numpy as np
+        return self.dtype if isinstance(self.dtype, str) else np.dtype(self.dtype).name
+
     # --- arrays -----------------------------------------------------------------------
     @abstractmethod
     def asarray(self, x: Any, dtype: Any = None) -> Array:

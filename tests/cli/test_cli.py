@@ -93,3 +93,9 @@ def test_kv_cache_memory_too_small_is_named(runner, smollm2_dir):
 def test_kv_cache_memory_unparseable_is_refused(runner):
     result = runner.invoke(main, ["generate", "hi", "--kv-cache-memory", "lots"])
     assert result.exit_code == 2 and "lots" in result.output
+
+
+def test_half_precision_on_the_cpu_is_refused_by_name(runner, smollm2_dir):
+    result = runner.invoke(main, ["generate", "hi", "--model", str(smollm2_dir), "--backend", "cpu",
+                                  "--dtype", "float16"])
+    assert result.exit_code == 1 and "float32" in result.output
