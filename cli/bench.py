@@ -88,7 +88,7 @@ def print_result(title: str, result: dict, as_json: bool) -> None:
 
 @click.group()
 def bench() -> None:
-    """Benchmarks that print tokens/s (throughput on the CPU or GPU backend)."""
+    """Benchmarks that print tokens/s, GB/s and TF/s: serving throughput, start-up, and kernels (GPU)."""
 
 
 @bench.command()
@@ -146,3 +146,8 @@ def startup(model, backend, repeats):
     first = statistics.median(r[1] for r in runs[1:])
     click.echo(f"warm start on {machine_name()}: load {load:.2f} s, first token {first:.2f} s "
                f"(median of {repeats}, from `import cupaged` to the token)")
+
+
+from cupaged.cli.bench_kernels import kernels  # noqa: E402  (registers `cupaged bench kernels`)
+
+bench.add_command(kernels)
