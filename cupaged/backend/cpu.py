@@ -112,3 +112,38 @@ class CpuOps(Ops):
     def copy_blocks(self, k_cache: Array, v_cache: Array, pairs: Array) -> None:
         """pairs [P, 2] of (src, dst) block ids: copy each src block to dst in both caches."""
         K.copy_blocks(k_cache, v_cache, _i32(pairs).reshape(-1, 2))
+
+    # --- sampling ---------------------------------------------------------------------
+    def sample(self, logits: Array, temperature: Array, top_k: Array, top_p: Array, uniform: Array) -> Array:
+        """logits [S, V] -> new token ids [S] int32; the semantics of `Ops.sample` (cuda/sampling.cu),
+        row by row in float64: a partition for top-k, a sort of the top-k survivors for top-p."""
+        logits = np.asarray(logits)
+        s_n, v_n = logits.shape
+        temperature, top_p, uniform = (np.asarray(a, np.float32) for a in (temperature, top_p, uniform))
+        top_k = np.asarray(top_k, _I32)
+        out = np.empty(s_n, dtype=_I32)
+        for b in range(s_n):
+            row = logits[b].astype(np.float64)
+            row[np.isnan(row)] = -np.inf
+            best = int(np.argmax(row))  # ties: the lowest index
+            t = float(temperature[b])
+            if not t > 0.0 or row[best] == -np.inf:
+                out[b] = best
+                continue
+            w = np.exp((row - row[best]) / t)   # [V] unnormalised probabilities
+            keep = np.ones(v_n, dtype=bool)
+            k = int(top_k[b])
+            if 0 < k < v_n:
+                keep = row >= np.partition(row, v_n - k)[v_n - k]
+            p = float(top_p[b])
+            if p < 1.0:
+                idx = np.flatnonzero(keep)
+                vals = row[idx]
+                order = np.argsort(-vals, kind="stable")
+                cum = np.cumsum(w[idx][order])
+                cut = min(int(np.searchsorted(cum, p * cum[-1])), len(cum) - 1)  # first cum >= p * Z
+                keep &= row >= vals[order[cut]]
+            cdf = np.cumsum(np.where(keep, w, 0.0))   # in index order, as the kernel walks
+            hit = int(np.searchsorted(cdf, float(uniform[b]) * cdf[-1], side="right"))  # first cdf > target
+            out[b] = hit if hit < v_n else int(np.flatnonzero(keep)[-1])
+        return out

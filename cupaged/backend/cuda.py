@@ -305,3 +305,36 @@ class CudaOps(Ops):
                      np.int32(hq), np.int32(hk), np.int32(mb), np.int32(bs), np.float32(scale), np.int32(window)],
                shared_mem=smem)
         return out
+
+    # --- sampling ---------------------------------------------------------------------
+    def sample(self, logits: Array, temperature: Array, top_k: Array, top_p: Array, uniform: Array) -> Array:
+        """logits [S, V] (compute dtype or float32) -> new token ids [S] int32. cuda/sampling.cu: argmax_*
+        (grid (S,), 256 threads) when every row is greedy, else sample_top_k_top_p_* (grid (S,), 1024
+        threads). The all-greedy test reads host parameters only: parameters already on the device
+        always take the sampling kernel, which is greedy per row itself (no device -> host sync)."""
+        self._check("sample logits", logits, 2)
+        s, v = logits.shape
+        sfx = "f32" if logits.dtype == _F32 else self.sfx
+        if sfx != "f32" and logits.dtype != self.storage:
+            raise TypeError(f"sample logits: expected dtype {self._dtype_name(self.storage)} or float32, "
+                            f"got {logits.dtype}")
+        out = self.xp.empty(s, dtype=_I32)
+        if s == 0:
+            return out
+        if isinstance(temperature, np.ndarray) and not (temperature > 0).any():
+            launch(self._kernel("sampling.cu", f"argmax_{sfx}"), grid=(s,), block=(256,),
+                   args=[out, logits, np.int32(v)], shared_mem=0)
+            return out
+        params = [self._param(f"sample {n}", a, t, s) for n, a, t in
+                  (("temperature", temperature, _F32), ("top_k", top_k, _I32), ("top_p", top_p, _F32),
+                   ("uniform", uniform, _F32))]
+        launch(self._kernel("sampling.cu", f"sample_top_k_top_p_{sfx}"), grid=(s,), block=(1024,),
+               args=[out, logits, *params, np.int32(v)], shared_mem=0)
+        return out
+
+    def _param(self, what: str, a, dtype, n: int):
+        """A per-row parameter [n] as a device array (host values are copied over)."""
+        if not self.device.is_array(a):
+            a = self.xp.asarray(np.ascontiguousarray(a, dtype=dtype))
+        self._check(what, a, 1, dtype, (n,))
+        return a

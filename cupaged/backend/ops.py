@@ -110,3 +110,18 @@ class Ops(ABC):
     @abstractmethod
     def copy_blocks(self, k_cache: Array, v_cache: Array, pairs: Array) -> None:
         """pairs [P, 2] int32 of (src, dst) block ids: copy block src to block dst in both caches."""
+
+    # --- sampling ---------------------------------------------------------------------
+    @abstractmethod
+    def sample(self, logits: Array, temperature: Array, top_k: Array, top_p: Array, uniform: Array) -> Array:
+        """Next tokens, one per row: logits [S, V] (compute dtype or float32), temperature [S] float32,
+        top_k [S] int32 (<= 0 or >= V: off), top_p [S] float32 (>= 1: off), uniform [S] float32 in
+        [0, 1) -> token ids [S] int32, a backend array. The per-row parameters are host (NumPy)
+        arrays or backend arrays.
+
+        Row b is greedy (the argmax, ties to the lowest index, NaN as -inf) when temperature[b] <= 0.
+        Otherwise the allowed set is the top-k largest logits (all ties at the k-th kept), then of
+        those the smallest set of largest logits whose softmax(logits / T) mass reaches
+        top_p * mass(top-k set) (ties at the threshold kept); the token is the first allowed index,
+        in index order, whose cumulative mass exceeds uniform[b] * mass(allowed). cuda/sampling.cu
+        is the specification."""

@@ -54,7 +54,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.ops, num_blocks, config.block_size)
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, self.ops)
         self.eos_token_ids = set(cfg.eos_token_ids) | self.tokenizer.eos_token_ids
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

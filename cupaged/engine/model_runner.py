@@ -1,4 +1,4 @@
-"""ModelRunner: ScheduledBatch -> AttnMetadata (once per step, in NumPy) -> logits.
+"""ModelRunner: ScheduledBatch -> AttnMetadata (once per step, in NumPy) -> logits (on the backend).
 
 It owns the KV cache: per layer a (K, V) pair of [num_blocks, block_size, Hk, D] arrays,
 allocated once at start-up.
@@ -26,15 +26,15 @@ class ModelRunner:
         logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
                     2 * cfg.num_layers * self.kv_caches[0][0].nbytes / 2**20)
 
-    def run(self, batch: ScheduledBatch) -> np.ndarray:
-        """Compute the batch's tokens; return host float32 logits [S, V] for the sequences that sample."""
+    def run(self, batch: ScheduledBatch):
+        """Compute the batch's tokens; return logits [S, V] for the sequences that sample, as a backend
+        array in the compute dtype (the Sampler copies them to the host only when it needs to)."""
         if batch.blocks_to_copy:
             pairs = self.ops.asarray(np.array(batch.blocks_to_copy, dtype=np.int32))
             for k_cache, v_cache in self.kv_caches:
                 self.ops.copy_blocks(k_cache, v_cache, pairs)
         input_ids, meta = self.prepare(batch)
-        logits = self.model.forward(input_ids, meta, self.kv_caches)
-        return np.asarray(self.ops.to_numpy(logits), dtype=np.float32)
+        return self.model.forward(input_ids, meta, self.kv_caches)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[object, AttnMetadata]:
         """Pack the batch's new tokens and plan attention for every layer."""

@@ -1,25 +1,69 @@
-"""Logits -> next tokens, on the host in NumPy (float32 logits [B, V]).
+"""Logits -> next tokens: on the backend (`Ops.sample`) when it can, else on the host in NumPy.
 
 Order, as in vLLM: penalties (repetition, presence, frequency) -> greedy argmax, or
 temperature -> top-k -> top-p -> min-p -> draw with the sequence's own generator. A seeded
 sequence draws from its own `numpy.random.Generator`, so its output does not depend on
 what else is in the batch. Log-probabilities are those of the model's raw distribution.
+
+The fast path: when no sequence of the step needs penalties, min-p or log-probabilities,
+each sampling sequence draws one uniform from its generator on the host, and `ops.sample`
+picks every token where the logits are (greedy, temperature, top-k, top-p): only the int32
+token ids come back to the host. Otherwise the logits are copied to the host (float32) and
+the NumPy path below runs. Both draw from the same distribution, but not the same token for
+a given seed (one inverse-CDF uniform against `Generator.choice`).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from cupaged.backend.ops import Ops
 from cupaged.engine.sequence import Sequence
+from cupaged.sampling_params import SamplingParams
+
+
+def needs_host(p: SamplingParams) -> bool:
+    """Whether a request needs the host path: penalties, min-p or log-probabilities."""
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            or p.min_p > 0.0 or p.logprobs is not None)
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None):
+    """ops: the backend whose `sample` serves the fast path; None keeps every step on the host
+    (logits must then be host arrays)."""
+
+    def __init__(self, seed: int | None = None, ops: Ops | None = None):
         self._rng = np.random.default_rng(seed)
         self._seq_rngs: dict[int, np.random.Generator] = {}
+        self.ops = ops
 
-    def sample(self, logits: np.ndarray, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
-        """logits [B, V] float32, one row per sequence -> (token ids [B], logprobs per row or None)."""
-        logits = np.asarray(logits, dtype=np.float32)
+    def sample(self, logits, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+        """logits [B, V] (a backend array, or a host array), one row per sequence ->
+        (token ids [B], logprobs per row or None)."""
+        if self.ops is not None and not any(needs_host(seq.params) for seq in seqs):
+            return self.sample_on_device(logits, seqs), [None] * len(seqs)
+        host = self.ops.to_numpy(logits) if self.ops is not None else logits
+        return self.sample_on_host(np.asarray(host, dtype=np.float32), seqs)
+
+    def sample_on_device(self, logits, seqs: list[Sequence]) -> list[int]:
+        """The fast path: per-row parameters and uniforms from the host, `ops.sample` on the backend,
+        one device -> host copy of the int32 token ids."""
+        n = len(seqs)
+        temperature = np.zeros(n, np.float32)
+        top_p = np.ones(n, np.float32)
+        top_k = np.full(n, -1, np.int32)
+        uniform = np.zeros(n, np.float32)
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if p.greedy:
+                continue  # temperature 0: the argmax, and no draw from the generator
+            temperature[row], top_p[row], top_k[row] = p.temperature, p.top_p, p.top_k
+            uniform[row] = self._rng_for(seq).random(dtype=np.float32)  # in [0, 1)
+        tokens = self.ops.sample(logits, temperature, top_k, top_p, uniform)
+        return np.asarray(self.ops.to_numpy(tokens)).tolist()
+
+    def sample_on_host(self, logits: np.ndarray,
+                       seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+        """logits [B, V] float32 on the host: penalties, filters and the draw in NumPy."""
         processed = logits.copy()
         tokens, logprobs = [], []
         for row, seq in enumerate(seqs):

@@ -13,7 +13,8 @@ def engine_logits(engine, ids: list[int]) -> np.ndarray:
     seq = Sequence("logits-probe", ids, SamplingParams(max_tokens=1))
     engine.block_manager.append_slots(seq, len(ids))
     try:
-        return engine.runner.run(ScheduledBatch([seq], [len(ids)]))[0]
+        logits = engine.runner.run(ScheduledBatch([seq], [len(ids)]))
+        return np.asarray(engine.ops.to_numpy(logits), dtype=np.float32)[0]
     finally:
         engine.block_manager.free(seq)
 
