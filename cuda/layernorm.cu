@@ -18,29 +18,9 @@
 // size is not a multiple of 16 (H % 8 != 0 for 16-bit types, H % 4 != 0 for fp32), or
 // misaligned pointers, take the same code with one element per "vector" (scalar path);
 // real models always take the vector path. All arithmetic is fp32.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 namespace {
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// N elements of T moved as one load/store: 16 bytes on the vector path, one element on
-// the scalar path. The alignment lets nvcc emit a single 128-bit access.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 // Sum of `v` over the block; every thread gets the result. blockDim.x % 32 == 0.
 __device__ __forceinline__ float block_sum(float v, float* red /* [32] shared */) {

@@ -17,21 +17,9 @@
 // k_stride are the element distances between consecutive tokens (Hq * D and Hk * D when
 // contiguous); heads within a token must be contiguous. The op moves 2 bytes per element
 // once and is a small share of a layer, so pairs are moved as scalars, not vectors.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common.cuh"
 
 namespace {
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <typename T>
 __device__ __forceinline__ void rotate_pair(T* __restrict__ head,  // [D], one head of q or k

@@ -24,15 +24,9 @@
 // contiguous chunk, a block scan gives chunk offsets, and the one thread whose chunk holds
 // u * total walks its chunk. Probabilities are recomputed from the logits in each pass
 // rather than stored (a row does not fit in shared memory); the passes hit L2.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 namespace {
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // Logit as float with NaN mapped to -inf.
 template <typename T>

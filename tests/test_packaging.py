@@ -21,7 +21,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for kernel in (ROOT / "cuda").glob("*.cu"):
+    for kernel in [*(ROOT / "cuda").glob("*.cu"), *(ROOT / "cuda").glob("*.cuh")]:
         assert f"cupaged/cuda/{kernel.name}" in names
     for module in ("cupaged/cli/main.py", "cupaged/cli/chat.py", "cupaged/weights/store.py",
                    "cupaged/weights/convert_gguf.py", "cupaged/engine/engine.py", "cupaged/backend/cpu.py"):

@@ -126,8 +126,9 @@ CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # NVIDIA's recommendation for Hopper; plent
 
 @functools.cache
 def _raw_module(file: str, options: tuple[str, ...]):
+    """One RawModule per .cu; -I its folder, so a local #include "common.cuh" resolves under NVRTC."""
     import cupy
-    return cupy.RawModule(code=source_text(file), options=options)
+    return cupy.RawModule(code=source_text(file), options=(*options, f"-I{source_path(file).parent}"))
 
 
 def _find_cublas() -> ctypes.CDLL:

@@ -1,0 +1,25 @@
+// Helpers shared by the kernels in cuda/: conversions between the storage dtypes and fp32, and
+// a packed vector of N elements for 16-byte loads and stores. Included with a local
+// #include "common.cuh"; NVRTC gets the folder with -I, the emulator and nvcc find it beside the file.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// N elements of T moved as one load/store: 16 bytes on the vector path, one element on the
+// scalar path. The alignment lets nvcc emit a single 128-bit access.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
