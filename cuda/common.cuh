@@ -23,3 +23,18 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Element <-> float conversions on raw 16-bit patterns (no type punning of vectors), for kernels
+// templated on the element type: E::to_f(bits), E::bits(x).
+struct F16 {
+  typedef __half T;
+  static __device__ __forceinline__ float to_f(unsigned int b) { return __half2float(__ushort_as_half((unsigned short)b)); }
+  static __device__ __forceinline__ unsigned int bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
+struct BF16 {
+  typedef __nv_bfloat16 T;
+  static __device__ __forceinline__ float to_f(unsigned int b) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)b)); }
+  static __device__ __forceinline__ unsigned int bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+};

@@ -35,8 +35,7 @@
 //
 // Entry points: paged_decode_{f16,bf16}_d{64,80,96,128,256}_g{1,2,4,8} and
 // paged_decode_reduce_{f16,bf16} (grid = (Hq, B), block = 128).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common.cuh"
 
 // The one dynamic shared array of both kernels (file scope: the host emulator links it by name).
 extern __shared__ float decode_smem[];
@@ -45,19 +44,7 @@ namespace cupaged_decode {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr float kLog2e = 1.4426950408889634f;
 
-// Element <-> float conversions on raw 16-bit patterns (no type punning of vectors).
-struct F16 {
-  typedef __half T;
-  static __device__ __forceinline__ float to_f(unsigned int b) { return __half2float(__ushort_as_half((unsigned short)b)); }
-  static __device__ __forceinline__ unsigned int bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
-};
-struct BF16 {
-  typedef __nv_bfloat16 T;
-  static __device__ __forceinline__ float to_f(unsigned int b) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)b)); }
-  static __device__ __forceinline__ unsigned int bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
-};
 
 template <class E>
 __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
@@ -314,7 +301,7 @@ __device__ __forceinline__ void reduce(typename E::T* __restrict__ out, const fl
 #define DECODE_ARGS                                                                                             \
   out, q, k_cache, v_cache, block_tables, seq_lens, part_max, part_sum, part_out, num_q_heads, num_kv_heads,     \
       max_blocks, block_size, partition_size, scale, window
-#define DECODE(E, D, GP) cupaged_decode::decode<cupaged_decode::E, D, GP>(DECODE_ARGS)
+#define DECODE(E, D, GP) cupaged_decode::decode<::E, D, GP>(DECODE_ARGS)
 extern "C" __global__ void __launch_bounds__(128) paged_decode_f16_d64_g1(DECODE_PARAMS(__half)) { DECODE(F16, 64, 1); }
 extern "C" __global__ void __launch_bounds__(128) paged_decode_f16_d64_g2(DECODE_PARAMS(__half)) { DECODE(F16, 64, 2); }
 extern "C" __global__ void __launch_bounds__(128) paged_decode_f16_d64_g4(DECODE_PARAMS(__half)) { DECODE(F16, 64, 4); }
@@ -361,5 +348,5 @@ extern "C" __global__ void __launch_bounds__(128) paged_decode_bf16_d256_g8(DECO
   T *out, const float *part_max, const float *part_sum, const float *part_out, const int *seq_lens,       \
       int num_q_heads, int head_dim, int num_partitions, int partition_size, int window
 #define REDUCE_ARGS out, part_max, part_sum, part_out, seq_lens, num_q_heads, head_dim, num_partitions, partition_size, window
-extern "C" __global__ void __launch_bounds__(128) paged_decode_reduce_f16(REDUCE_PARAMS(__half)) { cupaged_decode::reduce<cupaged_decode::F16>(REDUCE_ARGS); }
-extern "C" __global__ void __launch_bounds__(128) paged_decode_reduce_bf16(REDUCE_PARAMS(__nv_bfloat16)) { cupaged_decode::reduce<cupaged_decode::BF16>(REDUCE_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) paged_decode_reduce_f16(REDUCE_PARAMS(__half)) { cupaged_decode::reduce<::F16>(REDUCE_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) paged_decode_reduce_bf16(REDUCE_PARAMS(__nv_bfloat16)) { cupaged_decode::reduce<::BF16>(REDUCE_ARGS); }

@@ -32,8 +32,7 @@
 //
 // Entry points: paged_prefill_{f16,bf16}_d{64,80,96,128,256}. block_size is a runtime
 // power of two (8, 16, 32 ...).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common.cuh"
 
 // The one dynamic shared array (file scope: the host emulator links it by name).
 extern __shared__ unsigned int prefill_smem[];
@@ -41,18 +40,7 @@ extern __shared__ unsigned int prefill_smem[];
 namespace cupaged_prefill {
 
 constexpr int kThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
 
-struct F16 {
-  typedef __half T;
-  static __device__ __forceinline__ float to_f(unsigned int b) { return __half2float(__ushort_as_half((unsigned short)b)); }
-  static __device__ __forceinline__ unsigned int bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
-};
-struct BF16 {
-  typedef __nv_bfloat16 T;
-  static __device__ __forceinline__ float to_f(unsigned int b) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)b)); }
-  static __device__ __forceinline__ unsigned int bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
-};
 
 template <int D> struct Tile {
   static constexpr int BM = D > 128 ? 32 : 64;  // query rows
@@ -240,7 +228,7 @@ __device__ __forceinline__ void prefill(typename E::T* __restrict__ out, const t
       const int *query_start_loc, int num_q_heads, int num_kv_heads, int max_blocks, int block_size,         \
       float scale, int window
 #define PREFILL(E, D)                                                                                        \
-  cupaged_prefill::prefill<cupaged_prefill::E, D>(out, q, k_cache, v_cache, block_tables, seq_lens,          \
+  cupaged_prefill::prefill<::E, D>(out, q, k_cache, v_cache, block_tables, seq_lens,          \
                                                   query_start_loc, num_q_heads, num_kv_heads, max_blocks,    \
                                                   block_size, scale, window)
 extern "C" __global__ void __launch_bounds__(128) paged_prefill_f16_d64(PREFILL_PARAMS(__half)) { PREFILL(F16, 64); }
