@@ -53,11 +53,17 @@ class ModelRunner:
         qsl = np.zeros(len(batch.seqs) + 1, dtype=np.int32)
         np.cumsum(counts, out=qsl[1:])
         sampled = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        to = self.ops.asarray
-        meta = AttnMetadata(
-            positions=to(positions.astype(np.int32)), slot_mapping=to(slots.astype(np.int32)),
-            block_tables=to(tables), seq_lens=to(ends.astype(np.int32)), query_start_loc=to(qsl),
-            logits_indices=to((qsl[1:][sampled] - 1).astype(np.int32)),
-            max_query_len=int(counts.max()), max_seq_len=int(ends.max()),
-        )
-        return to(input_ids), meta
+        ids, pos, slot, table, lens, starts_loc, logit_rows = self._upload(
+            input_ids, positions, slots, tables, ends, qsl, qsl[1:][sampled] - 1)
+        meta = AttnMetadata(positions=pos, slot_mapping=slot, block_tables=table, seq_lens=lens,
+                            query_start_loc=starts_loc, logits_indices=logit_rows,
+                            max_query_len=int(counts.max()), max_seq_len=int(ends.max()))
+        return ids, meta
+
+    def _upload(self, *arrays: np.ndarray) -> list:
+        """All of a step's int32 metadata in ONE host->device copy, then split into views
+        (each a contiguous slice of the one buffer, reshaped to its host shape)."""
+        flat = np.concatenate([np.asarray(a, dtype=np.int32).ravel() for a in arrays])
+        device = self.ops.asarray(flat)
+        ends = np.cumsum([a.size for a in arrays])
+        return [device[end - a.size:end].reshape(a.shape) for a, end in zip(arrays, ends)]
