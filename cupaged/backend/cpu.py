@@ -121,6 +121,8 @@ class CpuOps(Ops):
         s_n, v_n = logits.shape
         temperature, top_p, uniform = (np.asarray(a, np.float32) for a in (temperature, top_p, uniform))
         top_k = np.asarray(top_k, _I32)
+        if not (temperature > 0).any():  # all greedy (the decode common case): one vectorised argmax
+            return np.argmax(np.where(np.isnan(logits), -np.inf, logits), axis=1).astype(_I32)
         out = np.empty(s_n, dtype=_I32)
         for b in range(s_n):
             row = logits[b].astype(np.float64)
