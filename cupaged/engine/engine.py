@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 
 from cupaged.backend import Ops, get_ops
@@ -82,8 +81,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
         logger.debug("request %s: %d prompt tokens", request_id, len(ids))
-        now = time.monotonic()
-        seqs = [Sequence(request_id, ids, params, index=i, arrival=now) for i in range(params.n)]
+        seqs = [Sequence(request_id, ids, params, index=i) for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
                   for _ in seqs]
         self.requests[request_id] = Request(request_id, text, ids, seqs, detoks)
@@ -144,7 +142,6 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprobs) -> None:
         seq.append_token(token, logprobs)
-        seq.first_token_time = seq.first_token_time or time.monotonic()
         detok = self.requests[seq.request_id].detoks[seq.index]
         if not self._is_stop_token(seq, token):  # as in vLLM, a stop token's text is not returned
             detok.add(token)

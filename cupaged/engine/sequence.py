@@ -24,13 +24,11 @@ class Sequence:
     a whole prompt, a chunk of it, or the one token sampled last step.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 index: int = 0, arrival: float = 0.0):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, index: int = 0):
         self.seq_id = next(_seq_counter)
         self.request_id = request_id
         self.index = index                    # which of the request's n outputs
         self.params = params
-        self.arrival = arrival
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt + output
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -40,7 +38,6 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] = []
         self.num_preemptions = 0
-        self.first_token_time: float | None = None
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, tokens={self.num_tokens}, "
