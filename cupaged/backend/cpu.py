@@ -14,7 +14,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,6 +48,22 @@ class CpuOps(Ops):
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
         """A zero-filled array."""
         return np.zeros(shape, dtype=dtype)
+
+    def upload(self, host: Any, out: Array | None = None) -> Array:
+        """Host memory is the backend's memory: `host` itself, or copied into `out`."""
+        if out is None:
+            return np.ascontiguousarray(host)
+        out.reshape(-1)[...] = np.asarray(host).reshape(-1)
+        return out
+
+    # --- whole-step services ----------------------------------------------------------
+    def capture_graph(self, fn: Callable[[], Array]) -> Any:
+        """No graphs on the CPU: every step runs eagerly."""
+        return None
+
+    def profile_kv_budget(self, run_profile: Callable[[], int], utilization: float) -> int | None:
+        """The CPU pool is sized from host RAM (EngineConfig.kv_cache_memory)."""
+        return None
 
     # --- dense layers -----------------------------------------------------------------
     def embedding(self, ids: Array, table: Array) -> Array:

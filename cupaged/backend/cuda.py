@@ -25,13 +25,15 @@ suite an emulation device that runs the same kernels through the host emulator o
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
 import numpy as np
 
 from cupaged.backend.kernels import CupyDevice, Device, launch
 from cupaged.backend.ops import Array, AttnMetadata, Ops
 
+logger = logging.getLogger(__name__)
 BFLOAT16 = "bfloat16"
 HEAD_DIMS = (64, 80, 96, 128, 256)    # the head sizes the attention kernels are built for
 DECODE_THREADS = PREFILL_THREADS = 128
@@ -132,6 +134,34 @@ class CudaOps(Ops):
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
         """A zero-filled device array ("bfloat16": uint16 zeros, the bits of 0.0)."""
         return self.xp.zeros(shape, dtype=self._np_dtype(dtype))
+
+    def upload(self, host: Any, out: Array | None = None) -> Array:
+        """One host -> device copy of a NumPy array (pinned staging, asynchronous on the current stream)."""
+        if out is not None:
+            self._check("upload out", out, out.ndim, np.asarray(host).dtype)
+        return self.device.upload(np.asarray(host), out)
+
+    # --- whole-step services ----------------------------------------------------------
+    def capture_graph(self, fn: Callable[[], Array]) -> Any:
+        """A CUDA graph of fn on this device (None where the device cannot capture)."""
+        return self.device.capture(fn)
+
+    def profile_kv_budget(self, run_profile: Callable[[], int], utilization: float) -> int | None:
+        """Device memory left for KV blocks, vLLM's way: run the profile forward, then everything in use
+        now (weights, the activation peak held by the memory pool, cuBLAS workspace, the CUDA context,
+        other processes) is charged against utilization * total; the profile's scratch KV cache is
+        freed afterwards, so it is given back."""
+        if self.device.memory_info() is None:
+            return None
+        self.device.release_cached()
+        scratch = run_profile()
+        free, total = self.device.memory_info()
+        self.device.release_cached()
+        budget = int(utilization * total) - (total - free) + int(scratch)
+        logger.info("memory profile: %.2f GiB of %.2f GiB in use at the peak step (scratch KV %.1f MiB); "
+                    "%.2f GiB left for KV blocks at gpu_memory_utilization %.2f", (total - free) / 2**30,
+                    total / 2**30, scratch / 2**20, max(budget, 0) / 2**30, utilization)
+        return max(budget, 0)
 
     # --- dense layers -----------------------------------------------------------------
     def embedding(self, ids: Array, table: Array) -> Array:

@@ -22,7 +22,7 @@ import functools
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -82,6 +82,36 @@ class Device:
     def gemm(self, x, w, bias=None, bf16: bool = False):
         """x [M, K] @ w [N, K].T (+ bias [N]) -> new [M, N] in x's dtype, fp32 accumulation. x, w and bias
         share one storage dtype: float16, or bfloat16 as uint16 bit patterns when `bf16` is set."""
+        raise NotImplementedError
+
+    def upload(self, host: np.ndarray, out=None):
+        """One host -> device copy of `host` (into `out`, a device array of the same size and dtype,
+        when given); returns the device array. The base class copies synchronously."""
+        if out is None:
+            return self.xp.array(host)
+        out.reshape(-1)[...] = self.xp.asarray(host).reshape(-1)
+        return out
+
+    def capture(self, fn: Callable[[], Any]) -> "Graph | None":
+        """Capture fn's launches as a graph replayable on the same buffers; None: this device has none."""
+        return None
+
+    def memory_info(self) -> tuple[int, int] | None:
+        """(free, total) bytes of device memory, with this process's cached allocations counted as used;
+        None where there is no device memory to size (the KV pool then comes from host RAM)."""
+        return None
+
+    def release_cached(self) -> None:
+        """Give cached but unused allocations back to the device."""
+
+
+class Graph:
+    """A captured sequence of launches: `replay()` runs it again on the same buffers and returns the
+    array fn returned at capture (which the replay overwrites in place)."""
+
+    output: Any = None
+
+    def replay(self) -> Any:
         raise NotImplementedError
 
 
@@ -222,6 +252,10 @@ class CupyDevice(Device):
         self._functions: dict[tuple[str, str], Any] = {}
         self._opted_in: dict[tuple[str, str], int] = {}
         self._blas: _Cublas | None = None
+        self._staging = [_PinnedStaging() for _ in range(STAGING_SLOTS)]
+        self._next_staging = 0
+        self._capture_stream = None
+        self._graph_pool = None
 
     def function(self, kernel: Kernel):
         key = (kernel.file, kernel.name)
@@ -250,3 +284,93 @@ class CupyDevice(Device):
             out[...] = bias  # a broadcast copy of the bits (uint16 for bf16 too); the GEMM adds onto it, beta = 1
         blas.gemm_rowmajor(x, w, out, dtype, dtype, accumulate=bias is not None)
         return out
+
+    # --- host -> device, graphs, memory ---------------------------------------------------------
+    def upload(self, host: np.ndarray, out=None):
+        """Copy `host` into pinned staging, then one asynchronous copy to the device on the current
+        stream. Staging buffers are used in turn, each waiting for its previous copy to finish."""
+        import cupy
+
+        host = np.ascontiguousarray(host)
+        staging = self._staging[self._next_staging]
+        self._next_staging = (self._next_staging + 1) % STAGING_SLOTS
+        pinned = staging.fill(host)
+        if out is None:
+            out = cupy.empty(host.shape, dtype=host.dtype)
+        elif out.nbytes != host.nbytes or out.dtype != host.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"upload: host {host.dtype}{host.shape} does not fit device {out.dtype}{out.shape}")
+        stream = cupy.cuda.get_current_stream()
+        out.data.copy_from_host_async(pinned.ctypes.data, host.nbytes, stream)
+        staging.event = stream.record()
+        return out
+
+    def capture(self, fn):
+        """Run fn once on a side stream (compiles kernels, binds cuBLAS to the stream), then capture a
+        second run into a CUDA graph. Allocations go to a private memory pool that only graphs use, so
+        no later allocation can land in a graph's intermediates."""
+        import cupy
+
+        if self._capture_stream is None:
+            self._capture_stream = cupy.cuda.Stream()  # a blocking stream: ordered with the default stream
+            self._graph_pool = cupy.cuda.MemoryPool()
+        stream = self._capture_stream
+        cupy.cuda.get_current_stream().synchronize()
+        with stream, cupy.cuda.using_allocator(self._graph_pool.malloc):
+            fn()
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                output = fn()
+            finally:
+                graph = stream.end_capture()
+        return CupyGraph(graph, output)
+
+    @property
+    def graph_pool_bytes(self) -> int:
+        return self._graph_pool.total_bytes() if self._graph_pool is not None else 0
+
+    def memory_info(self) -> tuple[int, int]:
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+        free, total = cupy.cuda.runtime.memGetInfo()
+        return int(free), int(total)
+
+    def release_cached(self) -> None:
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
+STAGING_SLOTS = 4  # pinned staging buffers used in turn (a step uploads its metadata and its sampling parameters)
+
+
+class _PinnedStaging:
+    """A growable pinned host buffer and the event of the last copy out of it."""
+
+    def __init__(self):
+        self.buffer: np.ndarray | None = None  # uint8, pinned
+        self.event = None
+
+    def fill(self, host: np.ndarray) -> np.ndarray:
+        import cupyx
+
+        if self.event is not None:
+            self.event.synchronize()  # the previous copy from this buffer has finished
+        if self.buffer is None or self.buffer.nbytes < host.nbytes:
+            self.buffer = cupyx.empty_pinned(max(host.nbytes, 2 * (self.buffer.nbytes if self.buffer is not None
+                                                                    else 4096)), dtype=np.uint8)
+        view = self.buffer[:host.nbytes].view(host.dtype).reshape(host.shape)
+        view[...] = host
+        return view
+
+
+class CupyGraph(Graph):
+    def __init__(self, graph, output):
+        self.graph, self.output = graph, output
+
+    def replay(self):
+        import cupy
+
+        self.graph.launch(cupy.cuda.get_current_stream())
+        return self.output

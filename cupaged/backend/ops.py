@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -67,6 +67,25 @@ class Ops(ABC):
     @abstractmethod
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
         """A zero-filled backend array (the KV cache is allocated with this once)."""
+
+    @abstractmethod
+    def upload(self, host: Any, out: Array | None = None) -> Array:
+        """One host -> backend copy of the NumPy array `host` (a step's packed metadata): into `out`
+        (a backend array of the same dtype and size) when given, else into a new array. On CUDA the
+        copy goes through pinned staging and is asynchronous on the current stream."""
+
+    # --- whole-step services ----------------------------------------------------------
+    @abstractmethod
+    def capture_graph(self, fn: Callable[[], Array]) -> Any:
+        """Capture fn (a forward on persistent buffers) as a graph whose `replay()` reruns it and returns
+        the array fn returned; None when the backend has no graphs (then the step runs eagerly)."""
+
+    @abstractmethod
+    def profile_kv_budget(self, run_profile: Callable[[], int], utilization: float) -> int | None:
+        """Bytes the KV pool may take when `utilization` of the device's memory goes to weights,
+        activations and KV blocks: measured around `run_profile` (one forward at the largest step,
+        returning the bytes of any scratch KV cache it allocated). None where the pool is sized from
+        host RAM instead (the CPU backend)."""
 
     # --- dense layers -----------------------------------------------------------------
     @abstractmethod

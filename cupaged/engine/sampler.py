@@ -58,8 +58,17 @@ class Sampler:
                 continue  # temperature 0: the argmax, and no draw from the generator
             temperature[row], top_p[row], top_k[row] = p.temperature, p.top_p, p.top_k
             uniform[row] = self._rng_for(seq).random(dtype=np.float32)  # in [0, 1)
+        if temperature.any():  # some row draws: its parameters go to the backend in one copy
+            temperature, top_k, top_p, uniform = self._upload_params(temperature, top_k, top_p, uniform)
         tokens = self.ops.sample(logits, temperature, top_k, top_p, uniform)
         return np.asarray(self.ops.to_numpy(tokens)).tolist()
+
+    def _upload_params(self, temperature, top_k, top_p, uniform) -> list:
+        """The four per-row parameter arrays [S] packed into one [4, S] float32 buffer (top_k as its
+        int32 bits), one `ops.upload`, and split back into views."""
+        packed = np.stack([temperature, top_p, uniform, top_k.view(np.float32)])
+        dev = self.ops.upload(packed)
+        return [dev[0], dev[3].view(np.int32), dev[1], dev[2]]
 
     def sample_on_host(self, logits: np.ndarray,
                        seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
