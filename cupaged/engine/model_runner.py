@@ -1,7 +1,8 @@
-"""ModelRunner: ScheduledBatch -> AttnMetadata (once per step, in NumPy) -> logits (on the backend).
+"""ModelRunner: ScheduledBatch -> step inputs (once per step, in NumPy) -> logits (on the backend).
 
 It owns the KV cache: per layer a (K, V) pair of [num_blocks, block_size, Hk, D] arrays,
-allocated once at start-up.
+allocated once at start-up. A step's metadata goes to the backend in one copy (`Ops.upload`).
+Decode steps replay captured graphs where the backend has them (`cuda_graphs.DecodeGraphs`).
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import logging
 
 import numpy as np
 
-from cupaged.backend.ops import AttnMetadata, Ops
+from cupaged.backend.ops import Array, AttnMetadata, Ops
+from cupaged.engine.cuda_graphs import DecodeGraphs, StepInputs
 from cupaged.engine.scheduler import ScheduledBatch
 from cupaged.model.llama import LlamaModel
 
@@ -18,13 +20,22 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, dtype=None):
-        cfg = model.cfg
         self.model, self.ops, self.block_size = model, ops, block_size
-        dtype = ops.dtype if dtype is None else dtype  # the backend's compute dtype
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+        self.dtype = ops.dtype if dtype is None else dtype  # the backend's compute dtype
+        self.kv_caches = self.allocate_kv_caches(num_blocks)
+        self.graphs: DecodeGraphs | None = None
         logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
-                    2 * cfg.num_layers * self.kv_caches[0][0].nbytes / 2**20)
+                    2 * model.cfg.num_layers * self.kv_caches[0][0].nbytes / 2**20)
+
+    def allocate_kv_caches(self, num_blocks: int) -> list[tuple[Array, Array]]:
+        cfg = self.model.cfg
+        shape = (num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        return [(self.ops.zeros(shape, self.dtype), self.ops.zeros(shape, self.dtype)) for _ in range(cfg.num_layers)]
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture decode graphs for batch sizes up to max_num_seqs (a no-op on backends without graphs)."""
+        graphs = DecodeGraphs(self._forward, self.ops, max_num_seqs, max_model_len, self.block_size)
+        self.graphs = graphs if graphs.graphs else None
 
     def run(self, batch: ScheduledBatch):
         """Compute the batch's tokens; return logits [S, V] for the sequences that sample, as a backend
@@ -33,11 +44,20 @@ class ModelRunner:
             pairs = self.ops.asarray(np.array(batch.blocks_to_copy, dtype=np.int32))
             for k_cache, v_cache in self.kv_caches:
                 self.ops.copy_blocks(k_cache, v_cache, pairs)
-        input_ids, meta = self.prepare(batch)
+        step = self.plan(batch)
+        if self.graphs is not None and self.graphs.fits(step):
+            return self.graphs.run(step)
+        return self._forward(*self._upload(step))
+
+    def _forward(self, input_ids: Array, meta: AttnMetadata) -> Array:
         return self.model.forward(input_ids, meta, self.kv_caches)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[object, AttnMetadata]:
-        """Pack the batch's new tokens and plan attention for every layer."""
+    def prepare(self, batch: ScheduledBatch) -> tuple[Array, AttnMetadata]:
+        """The batch's input ids [T] and attention metadata, on the backend (one copy)."""
+        return self._upload(self.plan(batch))
+
+    def plan(self, batch: ScheduledBatch) -> StepInputs:
+        """Pack the batch's new tokens and plan attention for every layer (host arrays)."""
         bs = self.block_size
         starts = np.array([s.num_computed_tokens for s in batch.seqs], dtype=np.int64)
         counts = np.array(batch.num_tokens, dtype=np.int64)
@@ -53,17 +73,45 @@ class ModelRunner:
         qsl = np.zeros(len(batch.seqs) + 1, dtype=np.int32)
         np.cumsum(counts, out=qsl[1:])
         sampled = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        ids, pos, slot, table, lens, starts_loc, logit_rows = self._upload(
-            input_ids, positions, slots, tables, ends, qsl, qsl[1:][sampled] - 1)
-        meta = AttnMetadata(positions=pos, slot_mapping=slot, block_tables=table, seq_lens=lens,
-                            query_start_loc=starts_loc, logits_indices=logit_rows,
-                            max_query_len=int(counts.max()), max_seq_len=int(ends.max()))
-        return ids, meta
+        i32 = np.int32
+        return StepInputs(input_ids, positions.astype(i32), slots.astype(i32), tables, ends.astype(i32), qsl,
+                          (qsl[1:][sampled] - 1).astype(i32), int(counts.max()), int(ends.max()))
 
-    def _upload(self, *arrays: np.ndarray) -> list:
+    def _upload(self, step: StepInputs) -> tuple[Array, AttnMetadata]:
         """All of a step's int32 metadata in ONE host->device copy, then split into views
         (each a contiguous slice of the one buffer, reshaped to its host shape)."""
-        flat = np.concatenate([np.asarray(a, dtype=np.int32).ravel() for a in arrays])
-        device = self.ops.asarray(flat)
+        arrays = (step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens,
+                  step.query_start_loc, step.logits_indices)
+        flat = np.concatenate([a.ravel() for a in arrays])
+        device = self.ops.upload(flat)
         ends = np.cumsum([a.size for a in arrays])
-        return [device[end - a.size:end].reshape(a.shape) for a, end in zip(arrays, ends)]
+        ids, pos, slot, table, lens, starts_loc, logit_rows = [
+            device[end - a.size:end].reshape(a.shape) for a, end in zip(arrays, ends)]
+        meta = AttnMetadata(positions=pos, slot_mapping=slot, block_tables=table, seq_lens=lens,
+                            query_start_loc=starts_loc, logits_indices=logit_rows,
+                            max_query_len=step.max_query_len, max_seq_len=step.max_seq_len)
+        return ids, meta
+
+
+def profile_forward(model: LlamaModel, ops: Ops, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
+                    max_model_len: int) -> int:
+    """Run the largest step the scheduler can form (max_num_batched_tokens prompt tokens over as many
+    sequences as max_num_seqs allows, each sampling) on a scratch KV cache just big enough for it, so
+    the backend can measure the activation peak. Returns the scratch cache's size in bytes."""
+    from cupaged.engine.sequence import Sequence
+    from cupaged.sampling_params import SamplingParams
+
+    t = max_num_batched_tokens
+    s = min(max(min(max_num_seqs, t), -(-t // max_model_len)), t)
+    counts = [min(t // s + (i < t % s), max_model_len) for i in range(s)]
+    seqs, next_block = [], 0
+    for n in counts:
+        seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1))
+        blocks = -(-n // block_size)
+        seq.block_table = list(range(next_block, next_block + blocks))
+        next_block += blocks
+        seqs.append(seq)
+    runner = ModelRunner(model, ops, next_block, block_size)
+    logits = runner.run(ScheduledBatch(seqs, counts))
+    ops.to_numpy(logits[:1, :1])  # wait for the step (a tiny copy)
+    return 2 * len(runner.kv_caches) * runner.kv_caches[0][0].nbytes

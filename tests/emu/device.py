@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cupaged.backend.kernels import Device, Kernel, source_path
+from cupaged.backend.kernels import Device, Graph, Kernel, source_path
 from tests.emu.harness import MAX_DYN_SMEM, from_bf16, load_module, to_bf16
 
 
@@ -22,12 +22,18 @@ class EmuDevice(Device):
     xp = np
     max_shared_mem = MAX_DYN_SMEM  # sm_90's opt-in limit (227 KiB)
 
-    def __init__(self, schedule: str = "interleaved", workers: int | None = None):
-        self.schedule, self.workers = schedule, workers
+    def __init__(self, schedule: str = "interleaved", workers: int | None = None, graphs: bool = False):
+        """graphs: capture and replay graphs (`EmuGraph`); off by default, since every capture runs a
+        whole forward in emulation."""
+        self.schedule, self.workers, self.graphs = schedule, workers, graphs
         self.launches: list[str] = []
+        self.recording: list | None = None  # launch signatures while an EmuGraph records
+        self.persistent: list[np.ndarray] = []  # buffers a graph may keep addresses of (see EmuGraph)
 
     def run(self, kernel: Kernel, grid, block, args, shared_mem) -> None:
         self.launches.append(kernel.name)
+        if self.recording is not None:
+            self.recording.append((kernel.name, grid, block, shared_mem, tuple(self._arg_key(a) for a in args)))
         load_module(source_path(kernel.file)).launch(kernel.name, grid=grid, block=block, args=args,
                                                      shared_mem=shared_mem, schedule=self.schedule,
                                                      workers=self.workers)
@@ -35,6 +41,9 @@ class EmuDevice(Device):
     def gemm(self, x, w, bias=None, bf16: bool = False):
         """float32 GEMM of the stored values, rounded once to the storage dtype (as cuBLAS with an
         fp32 compute type does)."""
+        if self.recording is not None:
+            self.recording.append(("gemm", tuple(self._arg_key(a) for a in (x, w, bias))))
+
         def f32(a):
             return from_bf16(a) if bf16 else a.astype(np.float32)
 
@@ -42,3 +51,69 @@ class EmuDevice(Device):
         if bias is not None:
             out += f32(bias)
         return np.ascontiguousarray(to_bf16(out) if bf16 else out.astype(np.float16))
+
+    # --- graphs -------------------------------------------------------------------------------
+    def capture(self, fn):
+        return EmuGraph(self, fn) if self.graphs else None
+
+    def upload(self, host, out=None):
+        if out is not None and not any(out is buf for buf in self.persistent):
+            self.persistent.append(out)  # a buffer uploaded into is a graph's static input
+        return super().upload(host, out)
+
+    @staticmethod
+    def _arg_key(a):
+        """A launch argument as recorded: a scalar's value, an array's address, shape and dtype."""
+        if not isinstance(a, np.ndarray):
+            return ("scalar", type(a).__name__, a.item() if hasattr(a, "item") else a)
+        return ("array", a.__array_interface__["data"][0], a.shape, a.dtype.str)
+
+    def baked(self, key):
+        """What a CUDA graph bakes in for a recorded argument: a scalar's value; for a pointer into a
+        persistent buffer, which buffer and the offset; for any other array only its shape (its address
+        is graph-private scratch, the same on every replay by construction)."""
+        if key[0] != "array":
+            return key
+        _, ptr, shape, dtype = key
+        for i, buf in enumerate(self.persistent):
+            lo = buf.__array_interface__["data"][0]
+            if lo <= ptr < lo + max(buf.nbytes, 1):
+                return ("persistent", i, ptr - lo, shape, dtype)
+        return ("scratch", shape, dtype)
+
+
+class EmuGraph(Graph):
+    """A CUDA graph in emulation. Capture runs fn and records every launch's signature (kernel, grid,
+    block, shared memory, scalar values, and which persistent buffer each pointer falls in); replay runs
+    fn again and asserts it launches exactly the same. So a step that would not replay correctly on a
+    GPU (a grid or scalar taken from this step's data, a buffer allocated anew instead of the static
+    one) fails here. Persistent buffers: the device's `persistent` list (every `upload(out=)` target is
+    added; a test may add the KV caches and weights)."""
+
+    def __init__(self, device: EmuDevice, fn):
+        self.device, self.fn = device, fn
+        self.signature = self._record()
+        self.replays = 0
+
+    def _record(self) -> list:
+        self.device.recording = []
+        try:
+            self.output = self.fn()
+            return self.device.recording
+        finally:
+            self.device.recording = None
+
+    def replay(self):
+        signature = [self._baked(launch) for launch in self._record()]
+        captured = [self._baked(launch) for launch in self.signature]
+        if signature != captured:
+            diff = next((f"launch {i}: captured {a}, replayed {b}" for i, (a, b) in
+                         enumerate(zip(captured, signature)) if a != b),
+                        f"{len(captured)} launches captured, {len(signature)} replayed")
+            raise AssertionError(f"graph replay launched differently from its capture: {diff}")
+        self.replays += 1
+        return self.output
+
+    def _baked(self, launch: tuple) -> tuple:
+        *head, args = launch
+        return (*head, tuple(self.device.baked(k) for k in args))

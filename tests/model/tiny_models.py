@@ -39,6 +39,10 @@ SPECS: dict[str, tuple[str, dict]] = {
     "qwen3-qknorm": ("Qwen3Config", dict(
         _COMMON, hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
         head_dim=48, tie_word_embeddings=False, use_sliding_window=False)),
+    # head_dim 64, which the CUDA kernels are built for: the fast model of the emulation tests.
+    "llama-hd64": ("LlamaConfig", dict(
+        _COMMON, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 
