@@ -21,10 +21,12 @@ def _fail(e: Exception) -> None:
     raise click.ClickException(str(e)) from e
 
 
-def parse_memory(text: str) -> float:
-    """'0.1' (a fraction of RAM), '2GiB', '512MiB' or a byte count -> EngineConfig.kv_cache_memory."""
+def parse_memory(text: str) -> float | None:
+    """'auto' (None), '0.1' (a fraction of RAM), '2GiB', '512MiB' or a byte count -> EngineConfig.kv_cache_memory."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
     lower = text.strip().lower()
+    if lower == "auto":
+        return None
     for unit, scale in units.items():
         if lower.endswith(unit):
             return float(lower[:-len(unit)]) * scale
@@ -37,8 +39,13 @@ def parse_memory(text: str) -> float:
 def model_options(f):
     f = click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
                      show_default=True, help="Compute dtype: auto is float32 on the CPU, float16 on CUDA.")(f)
-    f = click.option("--kv-cache-memory", default="0.1", show_default=True, callback=lambda c, p, v: parse_memory(v),
-                     help="KV cache budget: a fraction of RAM (0.1) or a size (2GiB, 512MiB).")(f)
+    f = click.option("--enforce-eager", is_flag=True, help="CUDA: do not capture decode steps as CUDA graphs.")(f)
+    f = click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=0.9,
+                     show_default=True, help="CUDA: share of GPU memory for weights, activations and the KV "
+                     "cache (used when --kv-cache-memory is auto).")(f)
+    f = click.option("--kv-cache-memory", default="auto", show_default=True, callback=lambda c, p, v: parse_memory(v),
+                     help="KV cache budget: a fraction of RAM (0.1), a size (2GiB, 512MiB), or auto "
+                     "(0.1 of RAM on the CPU; measured GPU memory on CUDA).")(f)
     f = click.option("--backend", type=BACKENDS, default="auto", show_default=True,
                      help="Compute backend: cuda when CuPy finds a GPU, else cpu.")(f)
     f = click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
@@ -60,7 +67,7 @@ def sampling_options(f):
     return f
 
 
-def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memory: float, dtype: str = "auto",
+def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memory: float | None, dtype: str = "auto",
              **kwargs):
     from cupaged.errors import CupagedError
     from cupaged.llm import LLM
@@ -91,8 +98,8 @@ def main() -> None:
 @model_options
 @sampling_options
 @click.option("--system", "-s", default=None, help="System prompt for the conversation.")
-def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, temperature, top_p, top_k, max_tokens, seed,
-         system):
+def chat(model, backend, max_model_len, kv_cache_memory, gpu_memory_utilization, enforce_eager, dtype, verbose,
+         temperature, top_p, top_k, max_tokens, seed, system):
     """Chat with a model, streaming its answers.
 
     Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) leaves.
@@ -101,7 +108,8 @@ def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, tempera
     """
     from cupaged.cli.chat import run_chat  # imported here to keep `--help` fast
     _setup_logging(verbose)
-    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype)
+    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype,
+                   gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
     params = make_params(temperature, top_p, top_k, max_tokens, seed)
     run_chat(llm, params, system, verbose)
 
@@ -114,11 +122,12 @@ def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, tempera
 @click.option("--stop", multiple=True, help="Stop string (repeatable); it is not included in the output.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of completions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def generate(prompt, model, backend, max_model_len, kv_cache_memory, dtype, verbose, temperature, top_p, top_k, max_tokens,
-             seed, use_chat, stop, n, as_json):
+def generate(prompt, model, backend, max_model_len, kv_cache_memory, gpu_memory_utilization, enforce_eager, dtype,
+             verbose, temperature, top_p, top_k, max_tokens, seed, use_chat, stop, n, as_json):
     """Generate a completion for PROMPT once and print it."""
     _setup_logging(verbose)
-    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype)
+    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype,
+                   gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
     params = make_params(temperature, top_p, top_k, max_tokens, seed, stop=list(stop), n=n)
     from cupaged.errors import CupagedError
     try:

@@ -16,7 +16,10 @@ class EngineConfig:
     max_num_seqs: int = 256               # sequences in one step
     max_num_batched_tokens: int = 2048    # tokens in one step; longer prompts are chunked
     max_model_len: int | None = None      # default: the model's max_position_embeddings
-    kv_cache_memory: float = 0.1          # <= 1: fraction of RAM; > 1: bytes
+    kv_cache_memory: float | None = None  # <= 1: fraction of RAM; > 1: bytes; None: 0.1 of RAM on the
+                                          # CPU, profiled device memory on CUDA (gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.9   # CUDA: share of device memory for weights, activations and KV
+    enforce_eager: bool = False           # CUDA: never capture decode graphs
     seed: int | None = None               # for requests without their own seed
     progress: bool = True                 # progress bars when fetching/converting weights
 
@@ -27,10 +30,14 @@ class EngineConfig:
             raise InvalidRequestError(f"block_size must be 8, 16 or 32, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be at least 1")
-        if self.kv_cache_memory <= 0:
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     def kv_cache_bytes(self) -> int:
-        if self.kv_cache_memory <= 1:
-            return int(self.kv_cache_memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        return int(self.kv_cache_memory)
+        """The KV budget from kv_cache_memory (default: 0.1 of RAM)."""
+        memory = 0.1 if self.kv_cache_memory is None else self.kv_cache_memory
+        if memory <= 1:
+            return int(memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        return int(memory)

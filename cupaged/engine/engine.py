@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from cupaged.backend import Ops, get_ops
 from cupaged.config import EngineConfig
 from cupaged.engine.block_manager import BlockManager
-from cupaged.engine.model_runner import ModelRunner
+from cupaged.engine.model_runner import ModelRunner, profile_forward
 from cupaged.engine.sampler import Sampler
 from cupaged.engine.scheduler import Scheduler
 from cupaged.engine.sequence import Sequence
@@ -53,6 +53,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.ops, num_blocks, config.block_size)
+        if not config.enforce_eager:
+            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(config.seed, self.ops)
         self.eos_token_ids = set(cfg.eos_token_ids) | self.tokenizer.eos_token_ids
         self.requests: dict[str, Request] = {}
@@ -61,15 +63,27 @@ class LLMEngine:
                     cfg.model_type, self.ops.name, num_blocks, num_blocks * config.block_size, self.max_model_len)
 
     def _num_blocks(self) -> int:
-        bs, budget = self.config.block_size, self.config.kv_cache_bytes()
+        """KV blocks that fit the budget: kv_cache_memory when given, else what the backend measures
+        (CUDA: a profiling forward against gpu_memory_utilization), else 0.1 of RAM."""
+        cfg, bs = self.config, self.config.block_size
+        budget = None
+        if cfg.kv_cache_memory is None:
+            budget = self.ops.profile_kv_budget(
+                lambda: profile_forward(self.model, self.ops, bs, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                        self.max_model_len), cfg.gpu_memory_utilization)
+        knob = "kv_cache_memory" if budget is None else "gpu_memory_utilization"
+        budget = cfg.kv_cache_bytes() if budget is None else budget
         per_block = bs * self.model_config.kv_bytes_per_token(self.ops.itemsize)
         num_blocks = budget // per_block
         if num_blocks * bs < self.max_model_len:
             need = -(-self.max_model_len // bs) * per_block
             raise OutOfMemoryError(
                 f"the KV cache budget ({budget / 2**20:.1f} MiB) holds {num_blocks * bs} tokens, but one sequence "
-                f"of max_model_len {self.max_model_len} needs {need / 2**20:.1f} MiB: raise kv_cache_memory "
+                f"of max_model_len {self.max_model_len} needs {need / 2**20:.1f} MiB: raise {knob} "
                 f"or lower max_model_len")
+        logger.info("KV pool: %d blocks of %d tokens (%.1f MiB): %.1f sequences of max_model_len %d at once",
+                    num_blocks, bs, num_blocks * per_block / 2**20, num_blocks * bs / self.max_model_len,
+                    self.max_model_len)
         return int(num_blocks)
 
     # --- requests -------------------------------------------------------------------------
