@@ -41,7 +41,7 @@ class ModelRunner:
         """Compute the batch's tokens; return logits [S, V] for the sequences that sample, as a backend
         array in the compute dtype (the Sampler copies them to the host only when it needs to)."""
         if batch.blocks_to_copy:
-            pairs = self.ops.asarray(np.array(batch.blocks_to_copy, dtype=np.int32))
+            pairs = self.ops.upload(np.array(batch.blocks_to_copy, dtype=np.int32))
             for k_cache, v_cache in self.kv_caches:
                 self.ops.copy_blocks(k_cache, v_cache, pairs)
         step = self.plan(batch)
