@@ -1,6 +1,7 @@
 """EngineConfig: every engine knob in one validated dataclass."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ class EngineConfig:
     kv_cache_memory: float = 0.1          # <= 1: fraction of RAM; > 1: bytes
     seed: int | None = None               # for requests without their own seed
     progress: bool = True                 # progress bars when fetching/converting weights
+    preemption_mode: str = "recompute"    # "recompute" | "swap": what a preempted sequence's KV becomes
+    swap_space: float = 4                 # GiB of host memory for swapped-out KV blocks (mode "swap"); 0: none
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "cpu", "cuda"):
@@ -29,8 +32,25 @@ class EngineConfig:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be at least 1")
         if self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise InvalidRequestError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if isinstance(self.swap_space, bool) or not isinstance(self.swap_space, (int, float)) \
+                or not math.isfinite(self.swap_space) or self.swap_space < 0:
+            raise InvalidRequestError(f"swap_space must be a finite number of GiB >= 0, got {self.swap_space!r}")
+        if self.preemption_mode == "swap" and self.swap_space_bytes() > 0.7 * _physical_memory():
+            raise InvalidRequestError(
+                f"swap_space {self.swap_space} GiB is more than 70% of this machine's "
+                f"{_physical_memory() / 2**30:.1f} GiB of memory")
 
     def kv_cache_bytes(self) -> int:
         if self.kv_cache_memory <= 1:
-            return int(self.kv_cache_memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+            return int(self.kv_cache_memory * _physical_memory())
         return int(self.kv_cache_memory)
+
+    def swap_space_bytes(self) -> int:
+        """Host memory for the swap pool; 0 unless preemption_mode is "swap" (no pool is allocated then)."""
+        return int(self.swap_space * 2**30) if self.preemption_mode == "swap" else 0
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
