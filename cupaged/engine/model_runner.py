@@ -1,7 +1,11 @@
 """ModelRunner: ScheduledBatch -> AttnMetadata (once per step, in NumPy) -> logits (on the backend).
 
 It owns the KV cache: per layer a (K, V) pair of [num_blocks, block_size, Hk, D] arrays,
-allocated once at start-up.
+allocated once at start-up, and the swap pool: per layer a (K, V) pair of
+[num_host_blocks, block_size, Hk, D] arrays in host memory (pinned on CUDA), empty unless
+preemption_mode is "swap". Before each step it moves the blocks the scheduler asked for:
+swap-outs first (their device blocks may be handed out again in this very step), then
+swap-ins, then copy-on-write copies (whose source may have just been swapped in).
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, dtype=None):
+    def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, dtype=None,
+                 num_host_blocks: int = 0):
         cfg = model.cfg
         self.model, self.ops, self.block_size = model, ops, block_size
         dtype = ops.dtype if dtype is None else dtype  # the backend's compute dtype
@@ -25,16 +30,37 @@ class ModelRunner:
         self.kv_caches = [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
         logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
                     2 * cfg.num_layers * self.kv_caches[0][0].nbytes / 2**20)
+        host_shape = (num_host_blocks, *shape[1:])
+        self.host_caches = [(ops.host_zeros(host_shape, dtype), ops.host_zeros(host_shape, dtype))
+                            for _ in range(cfg.num_layers)] if num_host_blocks else []
+        if num_host_blocks:
+            logger.info("swap pool: %d host blocks, %.1f MiB", num_host_blocks,
+                        2 * cfg.num_layers * self.host_caches[0][0].nbytes / 2**20)
+        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
 
     def run(self, batch: ScheduledBatch):
         """Compute the batch's tokens; return logits [S, V] for the sequences that sample, as a backend
         array in the compute dtype (the Sampler copies them to the host only when it needs to)."""
+        self.move_blocks(batch)
+        input_ids, meta = self.prepare(batch)
+        return self.model.forward(input_ids, meta, self.kv_caches)
+
+    def move_blocks(self, batch: ScheduledBatch) -> None:
+        """Swap-outs, then swap-ins, then copy-on-write copies, in every layer."""
+        if batch.blocks_to_swap_out:
+            pairs = np.array(batch.blocks_to_swap_out, dtype=np.int32)  # [P, 2] (device, host), on the host
+            for (k_cache, v_cache), (k_host, v_host) in zip(self.kv_caches, self.host_caches, strict=True):
+                self.ops.swap_blocks(k_cache, v_cache, k_host, v_host, pairs)
+            self.num_blocks_swapped_out += len(pairs)
+        if batch.blocks_to_swap_in:
+            pairs = np.array(batch.blocks_to_swap_in, dtype=np.int32)  # [P, 2] (host, device), on the host
+            for (k_cache, v_cache), (k_host, v_host) in zip(self.kv_caches, self.host_caches, strict=True):
+                self.ops.swap_blocks(k_host, v_host, k_cache, v_cache, pairs)
+            self.num_blocks_swapped_in += len(pairs)
         if batch.blocks_to_copy:
             pairs = self.ops.asarray(np.array(batch.blocks_to_copy, dtype=np.int32))
             for k_cache, v_cache in self.kv_caches:
                 self.ops.copy_blocks(k_cache, v_cache, pairs)
-        input_ids, meta = self.prepare(batch)
-        return self.model.forward(input_ids, meta, self.kv_caches)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[object, AttnMetadata]:
         """Pack the batch's new tokens and plan attention for every layer."""

@@ -36,10 +36,6 @@ class ScheduledBatch:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
-    def moves_blocks(self) -> bool:
-        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy)
-
-    @property
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 
