@@ -1,7 +1,8 @@
 """Kernel loading and launching for the CUDA backend, behind a small `Device` seam.
 
 A `Device` supplies the array module (`xp`), one compiled module per `cuda/*.cu` file, a raw
-launch, a GEMM, and pinned host memory with asynchronous copies for swapping KV blocks. `CupyDevice` is the real one: CuPy arrays, NVRTC through
+launch, a GEMM, and pinned host memory with asynchronous copies (for swapping KV blocks).
+`CupyDevice` is the real one: CuPy arrays, NVRTC through
 `cupy.RawModule(code=...)` (a `.cu` file is read as text: `RawModule(path=)` only loads
 cubin/PTX), and cuBLAS `cublasGemmEx` called through ctypes on a handle of our own (CuPy's
 cuBLAS wrappers refuse to run during CUDA graph capture). The test suite adds an emulation

@@ -1,9 +1,10 @@
 """The host block pool: KV blocks in host memory that preempted sequences are swapped out to.
 
-Pure Python accounting, like the device pool in block_manager.py: a ref count per block (a block shared by forked sequences is copied out once and comes back
-shared). Free ids are kept sorted, so that one sequence's blocks are handed out as a run of
-consecutive ids wherever the pool allows: with the cache layout [NB, BS, Hk, D] a run of
-blocks is one contiguous chunk, which the CUDA backend moves in one transfer.
+Pure Python accounting, like the device pool in block_manager.py: a ref count per block (a
+block shared by forked sequences is copied out once and comes back shared). Free ids are kept
+sorted, so that one sequence's blocks are handed out as a run of consecutive ids wherever the
+pool allows: with the cache layout [NB, BS, Hk, D] a run of blocks is one contiguous chunk,
+which the CUDA backend moves in one transfer.
 
 Twins. A device block and a host block hold the same data right after one was copied into
 the other. While both stay unchanged, a second holder of the device block that is swapped
@@ -80,8 +81,10 @@ class HostBlockPool:
 
     def link(self, device_id: int, host_id: int) -> None:
         """Record that the two blocks hold the same data (one was just copied into the other)."""
-        assert device_id not in self._host_of, f"device block {device_id} already has host twin {self._host_of[device_id]}"
-        assert host_id not in self._device_of, f"host block {host_id} already has device twin {self._device_of[host_id]}"
+        assert device_id not in self._host_of, \
+            f"device block {device_id} already has host twin {self._host_of[device_id]}"
+        assert host_id not in self._device_of, \
+            f"host block {host_id} already has device twin {self._device_of[host_id]}"
         self._host_of[device_id] = host_id
         self._device_of[host_id] = device_id
 

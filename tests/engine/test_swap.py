@@ -1,12 +1,10 @@
 """Swap accounting: the host block pool and BlockManager.swap_out / swap_in.
 
-The stateful test keeps a model of the *data*: every block of both pools holds the token ids
-written into it, moved exactly as the runner moves blocks (copy-on-write, swap-out, swap-in),
-and a version that changes on every write. After each rule it checks, against that model and
-not against the code's own bookkeeping: each sequence finds its tokens in its blocks (device or
-host), ref counts equal holders in both pools, nothing leaks, every twin link joins two blocks
-of one version, and no two held blocks of a pool hold one version (shared blocks stay shared).
-"""
+The stateful test models the *data*: each block of both pools holds the token ids written into
+it, moved as the runner moves blocks, and a version that changes on every write. After each rule:
+each sequence finds its tokens in its blocks (device or host), ref counts equal holders in both
+pools, nothing leaks, every twin link joins two blocks of one version, and no two held blocks of a
+pool hold one version (shared blocks stay shared)."""
 from __future__ import annotations
 
 import itertools
