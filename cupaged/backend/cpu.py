@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cupaged.backend import cpu_kernels as K
-from cupaged.backend.ops import Array, AttnMetadata, Ops
+from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 
 _I32 = np.int32
 
@@ -47,6 +47,10 @@ class CpuOps(Ops):
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
         """A zero-filled array."""
+        return np.zeros(shape, dtype=dtype)
+
+    def host_zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A zero-filled array (host and device memory are the same here)."""
         return np.zeros(shape, dtype=dtype)
 
     def upload(self, host: Any, out: Array | None = None) -> Array:
@@ -128,6 +132,13 @@ class CpuOps(Ops):
     def copy_blocks(self, k_cache: Array, v_cache: Array, pairs: Array) -> None:
         """pairs [P, 2] of (src, dst) block ids: copy each src block to dst in both caches."""
         K.copy_blocks(k_cache, v_cache, _i32(pairs).reshape(-1, 2))
+
+    def swap_blocks(self, src_k: Array, src_v: Array, dst_k: Array, dst_v: Array, pairs: Any) -> None:
+        """pairs [P, 2] of (src, dst) block ids: dst_k[dst] = src_k[src] and the same for V."""
+        pairs = check_swap(src_k, src_v, dst_k, dst_v, pairs)
+        if len(pairs):
+            dst_k[pairs[:, 1]] = src_k[pairs[:, 0]]
+            dst_v[pairs[:, 1]] = src_v[pairs[:, 0]]
 
     # --- sampling ---------------------------------------------------------------------
     def sample(self, logits: Array, temperature: Array, top_k: Array, top_p: Array, uniform: Array) -> Array:

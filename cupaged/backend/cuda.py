@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cupaged.backend.kernels import CupyDevice, Device, launch
-from cupaged.backend.ops import Array, AttnMetadata, Ops
+from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 
 logger = logging.getLogger(__name__)
 BFLOAT16 = "bfloat16"
@@ -57,6 +57,18 @@ def bf16_bits_to_float(xp, bits) -> Array:
 def heads_per_block(g: int) -> int:
     """Query heads one decode block serves (GP): the smallest of 1, 2, 4, 8 that is >= min(G, 8)."""
     return next(p for p in (1, 2, 4, 8) if p >= min(g, 8))
+
+
+def block_runs(pairs: np.ndarray) -> list[tuple[int, int, int]]:
+    """pairs [P, 2] (src, dst) block ids -> (src, dst, n) runs: blocks src .. src+n-1 go to dst .. dst+n-1.
+    Pairs are sorted by src first, so a run of consecutive ids is found in any order."""
+    if len(pairs) == 0:
+        return []
+    p = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    step = np.diff(p, axis=0)                                      # [P-1, 2]
+    starts = np.r_[0, np.flatnonzero((step != 1).any(axis=1)) + 1]
+    lengths = np.diff(np.r_[starts, len(p)])
+    return [(int(p[i, 0]), int(p[i, 1]), int(n)) for i, n in zip(starts, lengths)]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -134,6 +146,12 @@ class CudaOps(Ops):
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
         """A zero-filled device array ("bfloat16": uint16 zeros, the bits of 0.0)."""
         return self.xp.zeros(shape, dtype=self._np_dtype(dtype))
+
+    def host_zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A zero-filled numpy.ndarray in pinned host memory (`Device.pinned_empty`); "bfloat16": uint16 bits."""
+        out = self.device.pinned_empty(tuple(shape), self._np_dtype(dtype))
+        out[...] = 0
+        return out
 
     def upload(self, host: Any, out: Array | None = None) -> Array:
         """One host -> device copy of a NumPy array (pinned staging, asynchronous on the current stream)."""
@@ -261,6 +279,21 @@ class CudaOps(Ops):
             nb, bs, hk, d = k_cache.shape
             launch(self._kernel("kv_cache.cu", f"copy_blocks_{self.sfx}"), grid=(n, 2), block=(256,),
                    args=[k_cache, v_cache, pairs, np.int32(bs * hk * d)], shared_mem=0)
+
+    def swap_blocks(self, src_k: Array, src_v: Array, dst_k: Array, dst_v: Array, pairs: Any) -> None:
+        """pairs [P, 2] (src, dst) block ids, host data. Blocks are grouped into runs of consecutive ids on
+        both sides (`block_runs`); with the layout [NB, BS, Hk, D] a run is one contiguous chunk, moved by
+        one asynchronous copy per run for K and one for V on the device's copy stream (`Device.copy_async`)."""
+        pairs = check_swap(src_k, src_v, dst_k, dst_v, pairs)
+        for what, a in (("src_k", src_k), ("src_v", src_v), ("dst_k", dst_k), ("dst_v", dst_v)):
+            if a.dtype != self.storage or not a.flags.c_contiguous:
+                raise TypeError(f"swap_blocks {what}: expected a C-contiguous {self._dtype_name(self.storage)} "
+                                f"array, got {a.dtype} with strides {a.strides}")
+        copies = []
+        for src, dst, n in block_runs(pairs):
+            copies += [(dst_k[dst:dst + n], src_k[src:src + n]), (dst_v[dst:dst + n], src_v[src:src + n])]
+        if copies:
+            self.device.copy_async(copies)
 
     def paged_attention(self, q: Array, k_cache: Array, v_cache: Array, meta: AttnMetadata,
                         scale: float, sliding_window: int = 0) -> Array:

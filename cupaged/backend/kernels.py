@@ -1,7 +1,8 @@
 """Kernel loading and launching for the CUDA backend, behind a small `Device` seam.
 
 A `Device` supplies the array module (`xp`), one compiled module per `cuda/*.cu` file, a raw
-launch and a GEMM. `CupyDevice` is the real one: CuPy arrays, NVRTC through
+launch, a GEMM, and pinned host memory with asynchronous copies (for swapping KV blocks).
+`CupyDevice` is the real one: CuPy arrays, NVRTC through
 `cupy.RawModule(code=...)` (a `.cu` file is read as text: `RawModule(path=)` only loads
 cubin/PTX), and cuBLAS `cublasGemmEx` called through ctypes on a handle of our own (CuPy's
 cuBLAS wrappers refuse to run during CUDA graph capture). The test suite adds an emulation
@@ -84,6 +85,16 @@ class Device:
         share one storage dtype: float16, or bfloat16 as uint16 bit patterns when `bf16` is set."""
         raise NotImplementedError
 
+    def pinned_empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised numpy.ndarray in page-locked host memory (copies to and from it can be asynchronous)."""
+        raise NotImplementedError
+
+    def copy_async(self, copies: list[tuple[Any, Any]]) -> None:
+        """Copy each (dst, src): C-contiguous arrays of equal size, each a device array or pinned host memory.
+        The copies run on a copy stream, after the work queued so far on the current stream, and the
+        current stream waits for them before its next work; the host does not wait."""
+        raise NotImplementedError
+
     def upload(self, host: np.ndarray, out=None):
         """One host -> device copy of `host` (into `out`, a device array of the same size and dtype,
         when given); returns the device array. The base class copies synchronously."""
@@ -152,6 +163,7 @@ CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # NVIDIA's recommendation for Hopper; plenty for Ampere
+CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the (unified) addresses
 
 
 @functools.cache
@@ -257,6 +269,8 @@ class CupyDevice(Device):
         self._capture_stream = None
         self._graph_pool = None
 
+        self._copy_stream = None  # made on the first swap
+
     def function(self, kernel: Kernel):
         key = (kernel.file, kernel.name)
         fn = self._functions.get(key)
@@ -341,6 +355,29 @@ class CupyDevice(Device):
 
         cupy.get_default_memory_pool().free_all_blocks()
 
+    def pinned_empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        import cupyx
+
+        return cupyx.empty_pinned(shape, dtype=dtype)
+
+    def copy_async(self, copies: list[tuple[Any, Any]]) -> None:
+        """One cudaMemcpyAsync per (dst, src) on a dedicated non-blocking stream, fenced by two events:
+        the copy stream waits for the current stream's queued work (the kernels that wrote the blocks),
+        and the current stream waits for the copies (before anything reuses or reads the blocks)."""
+        import cupy
+
+        runtime = cupy.cuda.runtime
+        compute = cupy.cuda.get_current_stream()
+        if self._copy_stream is None:
+            self._copy_stream = cupy.cuda.Stream(non_blocking=True)
+        stream = self._copy_stream
+        stream.wait_event(compute.record())
+        for dst, src in copies:
+            if dst.nbytes != src.nbytes or not (dst.flags.c_contiguous and src.flags.c_contiguous):
+                raise ValueError(f"copy_async: {dst.shape} <- {src.shape} must be C-contiguous and of equal size")
+            runtime.memcpyAsync(_address(dst), _address(src), src.nbytes, CUDA_MEMCPY_DEFAULT, stream.ptr)
+        compute.wait_event(stream.record())
+
 
 STAGING_SLOTS = 4  # pinned staging buffers used in turn (a step uploads its metadata and its sampling parameters)
 
@@ -374,3 +411,8 @@ class CupyGraph(Graph):
 
         self.graph.launch(cupy.cuda.get_current_stream())
         return self.output
+
+
+def _address(a) -> int:
+    """The first byte of a CuPy array (device) or a NumPy array (host)."""
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr

@@ -69,6 +69,11 @@ class Ops(ABC):
         """A zero-filled backend array (the KV cache is allocated with this once)."""
 
     @abstractmethod
+    def host_zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A zero-filled numpy.ndarray in host memory that `swap_blocks` moves blocks to and from (the
+        swap pool is allocated with this once). Page-locked (pinned) on CUDA, so copies run asynchronously."""
+
+    @abstractmethod
     def upload(self, host: Any, out: Array | None = None) -> Array:
         """One host -> backend copy of the NumPy array `host` (a step's packed metadata): into `out`
         (a backend array of the same dtype and size) when given, else into a new array. On CUDA the
@@ -130,6 +135,14 @@ class Ops(ABC):
     def copy_blocks(self, k_cache: Array, v_cache: Array, pairs: Array) -> None:
         """pairs [P, 2] int32 of (src, dst) block ids: copy block src to block dst in both caches."""
 
+    @abstractmethod
+    def swap_blocks(self, src_k: Array, src_v: Array, dst_k: Array, dst_v: Array, pairs: Any) -> None:
+        """pairs [P, 2] int of (src, dst) block ids, a host (NumPy) array: copy block src of src_k, src_v to
+        block dst of dst_k, dst_v. One side is a KV cache [NB, BS, Hk, D], the other a host pool
+        [NH, BS, Hk, D] from host_zeros (device -> host swaps out, host -> device swaps in). No dst may
+        repeat. On CUDA the copies are asynchronous: ordered after the work already queued on the current
+        stream, and before the work queued on it next."""
+
     # --- sampling ---------------------------------------------------------------------
     @abstractmethod
     def sample(self, logits: Array, temperature: Array, top_k: Array, top_p: Array, uniform: Array) -> Array:
@@ -144,3 +157,31 @@ class Ops(ABC):
         top_p * mass(top-k set) (ties at the threshold kept); the token is the first allowed index,
         in index order, whose cumulative mass exceeds uniform[b] * mass(allowed). cuda/sampling.cu
         is the specification."""
+
+
+def check_swap(src_k: Array, src_v: Array, dst_k: Array, dst_v: Array, pairs: Any):
+    """Check a `swap_blocks` call: shapes and dtypes of the four pools, and the block ids of `pairs`
+    (host data, so checking its values costs no device sync). Returns pairs as an int64 [P, 2] ndarray."""
+    import numpy as np
+
+    for what, a, b in (("src", src_k, src_v), ("dst", dst_k, dst_v)):
+        if a.ndim != 4 or a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(f"swap_blocks: {what} K {a.shape} {a.dtype} and V {b.shape} {b.dtype} must be "
+                             f"equal [blocks, block_size, Hk, D] arrays")
+    if src_k.shape[1:] != dst_k.shape[1:] or src_k.dtype != dst_k.dtype:
+        raise ValueError(f"swap_blocks: src blocks {src_k.shape[1:]} {src_k.dtype} differ from dst blocks "
+                         f"{dst_k.shape[1:]} {dst_k.dtype}")
+    if not isinstance(pairs, (np.ndarray, list, tuple)):
+        raise TypeError(f"swap_blocks: pairs must be host data (a NumPy array or a list), got {type(pairs).__name__}")
+    pairs = np.asarray(pairs, dtype=np.int64)
+    if pairs.size == 0:
+        pairs = pairs.reshape(0, 2)
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"swap_blocks: pairs must be [P, 2] (src, dst) block ids, got shape {pairs.shape}")
+    for col, what, n in ((0, "src", src_k.shape[0]), (1, "dst", dst_k.shape[0])):
+        bad = pairs[(pairs[:, col] < 0) | (pairs[:, col] >= n), col]
+        if bad.size:
+            raise ValueError(f"swap_blocks: {what} block {int(bad[0])} is outside [0, {n})")
+    if len(np.unique(pairs[:, 1])) != len(pairs):
+        raise ValueError(f"swap_blocks: a dst block repeats in {pairs[:, 1].tolist()}")
+    return pairs

@@ -8,10 +8,16 @@ are all O(1) with no Python objects made per step.
 A sequence's `block_table` lists its physical block ids in order; token position p lives
 in slot `block_table[p // block_size] * block_size + p % block_size`. A block held by
 several sequences (ref_cnt > 1) is copied before anyone writes into it (copy-on-write).
+
+Swap (preemption_mode "swap"): `swap_out` moves a sequence's table into the host pool
+(cupaged/engine/swap.py) and `swap_in` brings it back; both return the block copies the
+runner performs before the step. While swapped out, `seq.host_block_table` holds the host ids
+and `seq.block_table` is empty.
 """
 from __future__ import annotations
 
 from cupaged.engine.sequence import Sequence
+from cupaged.engine.swap import HostBlockPool
 
 
 class Block:
@@ -69,11 +75,12 @@ class FreeBlockQueue:
 class BlockManager:
     """Hands out KV blocks to sequences. All operations are O(blocks touched)."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0):
         assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
+        self.host = HostBlockPool(num_host_blocks)  # the swap pool; empty unless preemption_mode is "swap"
 
     @property
     def num_blocks(self) -> int:
@@ -105,6 +112,9 @@ class BlockManager:
             self._decref(src)
             seq.block_table[index] = dst.block_id
             copies.append((src.block_id, dst.block_id))
+        if num_new_tokens > 0:  # blocks written in place no longer match a host twin
+            for block_id in seq.block_table[seq.num_computed_tokens // self.block_size:]:
+                self.host.forget_device(block_id)
         total = seq.num_computed_tokens + num_new_tokens
         while len(seq.block_table) * self.block_size < total:
             seq.block_table.append(self._allocate().block_id)
@@ -126,9 +136,75 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             self._decref(self.blocks[block_id])
         seq.block_table = []
+        for host_id in reversed(seq.host_block_table):  # a swapped-out sequence holds host blocks instead
+            self.host.decref(host_id)
+        seq.host_block_table = []
 
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    # --- swap to host memory -------------------------------------------------------------
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return self._host_blocks_needed(seq) <= self.host.num_free_blocks
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Move seq's blocks to the host pool. Returns (device, host) block copies that must run
+        before the freed device blocks are written. A device block whose host twin is still valid
+        (another holder was swapped out before) is not copied again: the host block is shared."""
+        assert not seq.host_block_table, f"{seq} is already swapped out"
+        assert self.can_swap_out(seq), f"not enough free host blocks for {seq}"
+        fresh = iter(self.host.allocate(self._host_blocks_needed(seq)))  # one run of ids where possible
+        copies, table = [], []
+        for device_id in seq.block_table:
+            host_id = self.host.host_twin(device_id)
+            if host_id is None:
+                host_id = next(fresh)
+                self.host.link(device_id, host_id)
+                copies.append((device_id, host_id))
+            else:
+                self.host.incref(host_id)
+            table.append(host_id)
+        self.free(seq)  # device blocks nobody else holds go back to the pool (and lose their twin)
+        seq.host_block_table = table
+        return copies
+
+    def can_swap_in(self, seq: Sequence, num_new_tokens: int = 0) -> bool:
+        """Room on the device for seq's blocks and for the num_new_tokens it computes next."""
+        return self._swap_in_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Bring seq's blocks back from the host pool. Returns (host, device) block copies that must
+        run before the step reads them. A host block whose device twin is still valid is not copied:
+        seq shares the device block again."""
+        assert not seq.block_table, f"{seq} holds device blocks"
+        assert self.can_swap_in(seq), f"not enough free device blocks to swap in {seq}"
+        copies, table = [], []
+        for host_id in seq.host_block_table:
+            device_id = self.host.device_twin(host_id)
+            if device_id is None:
+                device_id = self._allocate().block_id
+                self.host.link(device_id, host_id)
+                copies.append((host_id, device_id))
+            else:
+                self._incref(self.blocks[device_id])
+            table.append(device_id)
+        self.free(seq)  # host blocks nobody else holds go back to the host pool
+        seq.block_table = table
+        return copies
+
+    def _host_blocks_needed(self, seq: Sequence) -> int:
+        return sum(self.host.host_twin(b) is None for b in seq.block_table)
+
+    def _swap_in_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Device blocks for the copies, the growth by num_new_tokens, and a copy-on-write when the
+        block written first comes back shared (it has a device twin held by another sequence)."""
+        table, bs = seq.host_block_table, self.block_size
+        needed = sum(self.host.device_twin(h) is None for h in table)
+        needed += max(0, -(-(seq.num_computed_tokens + num_new_tokens) // bs) - len(table))
+        index = seq.num_computed_tokens // bs
+        if num_new_tokens > 0 and index < len(table) and self.host.device_twin(table[index]) is not None:
+            needed += 1
+        return needed
 
     # --- internals ----------------------------------------------------------------------
     def _first_write_is_shared(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -152,4 +228,5 @@ class BlockManager:
         block.ref_cnt -= 1
         if block.ref_cnt == 0:
             block.block_hash = None
+            self.host.forget_device(block.block_id)
             self.free_queue.append(block)

@@ -49,10 +49,12 @@ class LLMEngine:
         self.ops = ops if ops is not None else get_ops(config.backend, config.dtype)
         self.model = LlamaModel(cfg, self.ops, load_model_weights(self.model_dir, cfg))
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
-        num_blocks = self._num_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.ops, num_blocks, config.block_size)
+        num_blocks, num_host_blocks = self._num_blocks(), self._num_host_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size, num_host_blocks)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.preemption_mode)
+        self.runner = ModelRunner(self.model, self.ops, num_blocks, config.block_size,
+                                  num_host_blocks=num_host_blocks)
         if not config.enforce_eager:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(config.seed, self.ops)
@@ -85,6 +87,15 @@ class LLMEngine:
                     num_blocks, bs, num_blocks * per_block / 2**20, num_blocks * bs / self.max_model_len,
                     self.max_model_len)
         return int(num_blocks)
+
+    def _num_host_blocks(self) -> int:
+        """Blocks of the swap pool: swap_space over the size of one block (0 unless preemption_mode is "swap")."""
+        per_block = self.config.block_size * self.model_config.kv_bytes_per_token(self.ops.itemsize)
+        num_host_blocks = self.config.swap_space_bytes() // per_block
+        if self.config.preemption_mode == "swap" and num_host_blocks == 0:
+            logger.warning("swap_space %s GiB holds no KV block: every preemption will recompute",
+                           self.config.swap_space)
+        return int(num_host_blocks)
 
     # --- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None) -> str:
@@ -127,7 +138,7 @@ class LLMEngine:
         return text, ids
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free every block it holds."""
+        """Stop a request now and free every block it holds (device or, if swapped out, host)."""
         req = self.requests.pop(str(request_id), None)
         for seq in req.seqs if req else []:
             if not seq.is_finished:
@@ -142,6 +153,7 @@ class LLMEngine:
         """Run one scheduled batch; return the outputs of requests that moved."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            self.runner.move_blocks(batch)  # a step may only swap out (each victim is saved all the same)
             return []
         logits = self.runner.run(batch)
         sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]

@@ -1,8 +1,13 @@
 """ModelRunner: ScheduledBatch -> step inputs (once per step, in NumPy) -> logits (on the backend).
 
 It owns the KV cache: per layer a (K, V) pair of [num_blocks, block_size, Hk, D] arrays,
-allocated once at start-up. A step's metadata goes to the backend in one copy (`Ops.upload`).
-Decode steps replay captured graphs where the backend has them (`cuda_graphs.DecodeGraphs`).
+allocated once at start-up, and the swap pool: per layer a (K, V) pair of
+[num_host_blocks, block_size, Hk, D] arrays in host memory (pinned on CUDA), empty unless
+preemption_mode is "swap". Before each step it moves the blocks the scheduler asked for:
+swap-outs first (their device blocks may be handed out again in this very step), then
+swap-ins, then copy-on-write copies (whose source may have just been swapped in).
+A step's metadata goes to the backend in one copy (`Ops.upload`), and decode steps replay
+captured graphs where the backend has them (`cuda_graphs.DecodeGraphs`).
 """
 from __future__ import annotations
 
@@ -19,13 +24,22 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, dtype=None):
+    def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, dtype=None,
+                 num_host_blocks: int = 0):
+        cfg = model.cfg
         self.model, self.ops, self.block_size = model, ops, block_size
         self.dtype = ops.dtype if dtype is None else dtype  # the backend's compute dtype
         self.kv_caches = self.allocate_kv_caches(num_blocks)
         self.graphs: DecodeGraphs | None = None
         logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
-                    2 * model.cfg.num_layers * self.kv_caches[0][0].nbytes / 2**20)
+                    2 * cfg.num_layers * self.kv_caches[0][0].nbytes / 2**20)
+        host_shape = (num_host_blocks, *self.kv_caches[0][0].shape[1:])
+        self.host_caches = [(ops.host_zeros(host_shape, self.dtype), ops.host_zeros(host_shape, self.dtype))
+                            for _ in range(cfg.num_layers)] if num_host_blocks else []
+        if num_host_blocks:
+            logger.info("swap pool: %d host blocks, %.1f MiB", num_host_blocks,
+                        2 * cfg.num_layers * self.host_caches[0][0].nbytes / 2**20)
+        self.num_blocks_swapped_out = self.num_blocks_swapped_in = 0
 
     def allocate_kv_caches(self, num_blocks: int) -> list[tuple[Array, Array]]:
         cfg = self.model.cfg
@@ -40,10 +54,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch):
         """Compute the batch's tokens; return logits [S, V] for the sequences that sample, as a backend
         array in the compute dtype (the Sampler copies them to the host only when it needs to)."""
-        if batch.blocks_to_copy:
-            pairs = self.ops.upload(np.array(batch.blocks_to_copy, dtype=np.int32))
-            for k_cache, v_cache in self.kv_caches:
-                self.ops.copy_blocks(k_cache, v_cache, pairs)
+        self.move_blocks(batch)
         step = self.plan(batch)
         if self.graphs is not None and self.graphs.fits(step):
             return self.graphs.run(step)
@@ -51,6 +62,23 @@ class ModelRunner:
 
     def _forward(self, input_ids: Array, meta: AttnMetadata) -> Array:
         return self.model.forward(input_ids, meta, self.kv_caches)
+
+    def move_blocks(self, batch: ScheduledBatch) -> None:
+        """Swap-outs, then swap-ins, then copy-on-write copies, in every layer."""
+        if batch.blocks_to_swap_out:
+            pairs = np.array(batch.blocks_to_swap_out, dtype=np.int32)  # [P, 2] (device, host), on the host
+            for (k_cache, v_cache), (k_host, v_host) in zip(self.kv_caches, self.host_caches, strict=True):
+                self.ops.swap_blocks(k_cache, v_cache, k_host, v_host, pairs)
+            self.num_blocks_swapped_out += len(pairs)
+        if batch.blocks_to_swap_in:
+            pairs = np.array(batch.blocks_to_swap_in, dtype=np.int32)  # [P, 2] (host, device), on the host
+            for (k_cache, v_cache), (k_host, v_host) in zip(self.kv_caches, self.host_caches, strict=True):
+                self.ops.swap_blocks(k_host, v_host, k_cache, v_cache, pairs)
+            self.num_blocks_swapped_in += len(pairs)
+        if batch.blocks_to_copy:
+            pairs = self.ops.upload(np.array(batch.blocks_to_copy, dtype=np.int32))
+            for k_cache, v_cache in self.kv_caches:
+                self.ops.copy_blocks(k_cache, v_cache, pairs)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[Array, AttnMetadata]:
         """The batch's input ids [T] and attention metadata, on the backend (one copy)."""

@@ -6,8 +6,11 @@ sequence scheduled for N; there are no modes. Running sequences are served first
 streams keep flowing), then waiting ones join while budget, `max_num_seqs` and free
 blocks allow. A prompt longer than the budget is prefilled over several steps.
 
-When blocks run out, the newest running sequence is preempted by recompute: its blocks
-are freed and it goes back to the front of the waiting queue with its output kept.
+When blocks run out, the newest running sequence is preempted. By recompute (the default):
+its blocks are freed and it goes back to the front of the waiting queue with its output kept.
+By swap (preemption_mode "swap", when the host pool has room): its blocks are copied to host
+memory and it waits in the `swapped` queue; swapped sequences come back, before any waiting
+request is admitted, as soon as device blocks allow, and resume where they stopped.
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ class ScheduledBatch:
     seqs: list[Sequence]                 # in the order their tokens are packed
     num_tokens: list[int]                # tokens each computes this step
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the step
+    # Run before the step, in this order: swap-outs (device, host), swap-ins (host, device), copies.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -40,26 +46,34 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 preemption_mode: str = "recompute"):
+        assert preemption_mode in ("recompute", "swap"), preemption_mode
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.preemption_mode = preemption_mode
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
+        self.swapped: deque[Sequence] = deque()
+        self.num_preemptions = 0   # by recompute or by swap
+        self.num_swap_outs = 0     # sequences swapped out / back in
+        self.num_swap_ins = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [])
         num_preemptions = self.num_preemptions
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
-        if self.num_preemptions == num_preemptions:  # nothing was preempted: room for newcomers
-            self._schedule_waiting(batch, budget)
+        if self.num_preemptions == num_preemptions:  # nothing was preempted: room to come back or join
+            budget = self._schedule_swapped(batch, budget)
+            if not self.swapped:  # swapped sequences go before newcomers
+                self._schedule_waiting(batch, budget)
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
@@ -71,11 +85,25 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.can_append(seq, n):
                 victim = self.running[-1]
-                self.preempt(victim)
+                self._preempt(victim, batch)
                 if victim is seq:
                     break
             else:
                 budget -= self._take(batch, seq, n)
+        return budget
+
+    def _schedule_swapped(self, batch: ScheduledBatch, budget: int) -> int:
+        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.swapped[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_swap_in(seq, n):
+                break
+            self.swapped.popleft()
+            batch.blocks_to_swap_in += self.block_manager.swap_in(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self.num_swap_ins += 1
+            budget -= self._take(batch, seq, n)
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
@@ -95,6 +123,26 @@ class Scheduler:
         batch.num_tokens.append(n)
         return n
 
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        if self.preemption_mode == "swap":
+            if self.block_manager.can_swap_out(seq):
+                self.swap_out(seq, batch)
+                return
+            logger.info("swap space is full (%d host blocks free): falling back to recompute",
+                        self.block_manager.host.num_free_blocks)
+        self.preempt(seq)
+
+    def swap_out(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Move seq's KV to host memory (the copies join batch) and queue it to come back first."""
+        logger.info("preempting %s (swap out %d blocks)", seq.request_id, len(seq.block_table))
+        self.running.remove(seq)
+        batch.blocks_to_swap_out += self.block_manager.swap_out(seq)
+        seq.status = SequenceStatus.SWAPPED
+        seq.num_preemptions += 1
+        self.swapped.appendleft(seq)  # victims go newest first: the oldest ends up in front
+        self.num_preemptions += 1
+        self.num_swap_outs += 1
+
     def preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and queue it to be recomputed first."""
         logger.info("preempting %s (recompute)", seq.request_id)
@@ -111,4 +159,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        elif seq in self.swapped:
+            self.swapped.remove(seq)
+        self.block_manager.free(seq)  # device or host blocks

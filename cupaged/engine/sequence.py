@@ -10,6 +10,7 @@ from cupaged.sampling_params import SamplingParams
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
+    SWAPPED = auto()     # preempted with its KV moved to host memory (preemption_mode "swap")
     FINISHED = auto()
 
 
@@ -34,6 +35,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.host_block_table: list[int] = []  # host (swap pool) block ids while SWAPPED, else empty
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] = []

@@ -7,7 +7,8 @@ cuda/*.cu run through the host emulator (tests/emu/harness.py), and NumPy stands
 
 Everything above the device (the CudaOps wrappers, launch geometry, argument packing, shared
 memory sizes, the model and the runner) is the code a GPU runs. `launches` records each kernel
-name in order, so a test can tell which path an op took.
+name in order, so a test can tell which path an op took; `copies` records the number of bytes of
+each `copy_async` transfer (one per run of blocks when KV blocks are swapped).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class EmuDevice(Device):
         whole forward in emulation."""
         self.schedule, self.workers, self.graphs = schedule, workers, graphs
         self.launches: list[str] = []
+        self.copies: list[int] = []
         self.recording: list | None = None  # launch signatures while an EmuGraph records
         self.persistent: list[np.ndarray] = []  # buffers a graph may keep addresses of (see EmuGraph)
 
@@ -51,6 +53,18 @@ class EmuDevice(Device):
         if bias is not None:
             out += f32(bias)
         return np.ascontiguousarray(to_bf16(out) if bf16 else out.astype(np.float16))
+
+    def pinned_empty(self, shape, dtype) -> np.ndarray:
+        """Plain host memory: there is no device to pin it for."""
+        return np.empty(shape, dtype=dtype)
+
+    def copy_async(self, copies) -> None:
+        """The copies, done now (the emulator has one stream, so the ordering CupyDevice fences is given)."""
+        for dst, src in copies:
+            if dst.nbytes != src.nbytes or not (dst.flags.c_contiguous and src.flags.c_contiguous):
+                raise ValueError(f"copy_async: {dst.shape} <- {src.shape} must be C-contiguous and of equal size")
+            np.copyto(dst, src)
+            self.copies.append(src.nbytes)
 
     # --- graphs -------------------------------------------------------------------------------
     def capture(self, fn):
