@@ -51,7 +51,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.ops, num_blocks, config.block_size)
         self.sampler = Sampler(config.seed, self.ops)
         self.eos_token_ids = set(cfg.eos_token_ids) | self.tokenizer.eos_token_ids
