@@ -79,7 +79,9 @@ class PagedMemory:
         fork = fresh and self.share and len(seqs) > 1
         bs = self.bm.block_size
         need = cdiv(seqs[0].num_tokens, bs) * (1 if fork else len(seqs))
-        if need + self.watermark_blocks > self.bm.num_free_blocks and not self.prefix_caching:
+        free = self.bm.num_free_blocks
+        in_use = free < self.bm.num_blocks  # the watermark keeps room for running sequences to grow
+        if not self.prefix_caching and need + (self.watermark_blocks if in_use else 0) > free:
             return False
         for i, seq in enumerate(seqs):
             if fork and i > 0:

@@ -120,6 +120,13 @@ def test_idle_gaps_are_skipped_and_arrivals_wait_for_their_time():
     assert rec.reserved_tokens == [16] * 4 + [0] + [16] * 4 + [0]
 
 
+def test_a_prompt_as_large_as_the_pool_is_admitted_when_it_is_alone():
+    # a 10% watermark would hold back a 16-block prompt in a 16-block pool forever
+    replay = Replay([TraceRequest(0.0, 250, 6), TraceRequest(0.0, 10, 2)], PagedMemory(256, 16, watermark=0.1), 0.01)
+    rec = replay.run()
+    assert rec.reserved_tokens[0] == 256 and rec.running_requests[:2] == [1, 1] and replay.done()
+
+
 def test_a_request_that_can_never_run_is_named():
     with pytest.raises(TraceError, match="needs 20 blocks of 16, the pool has 16"):
         Replay([TraceRequest(0.0, 300, 20)], PagedMemory(256, 16), 0.01)
@@ -183,7 +190,8 @@ def test_trace_file_is_parsed_and_sorted(tmp_path):
     ('{"arrival": 0, "input_len": 5, "output_len": 1, "prefix_len": 2}', "line 2: 'prefix_len' needs a 'prefix_id'"),
     ('{"arrival": 0, "input_len": 5, "output_len": 1, "prefix_id": "a", "prefix_len": 6}',
      "line 2: 'prefix_len' 6 is longer than 'input_len' 5"),
-    ('{"arrival": 0, "input_len": 60, "output_len": 5}', "line 2: input_len + output_len = 65 exceeds max_model_len 64"),
+    ('{"arrival": 0, "input_len": 60, "output_len": 5}',
+     "line 2: input_len + output_len = 65 exceeds max_model_len 64"),
 ])
 def test_trace_file_errors_name_the_line(tmp_path, line, problem):
     path = tmp_path / "bad.jsonl"
