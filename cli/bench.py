@@ -43,25 +43,41 @@ def machine_name() -> str:
     return f"{model or platform.system()}, {os.cpu_count()} cores ({platform.machine()})"
 
 
+def greedy_request(engine, request_id: str, ids: list[int], n_out: int) -> str:
+    """Queue a greedy request that runs exactly n_out tokens (ignore_eos)."""
+    from cupaged.sampling_params import SamplingParams
+    return engine.add_request(request_id, {"prompt_token_ids": ids},
+                              SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True))
+
+
+def stamp_step(engine, stamps: dict[str, list[float]]) -> None:
+    """One engine step; append the wall time once per new output token to stamps[request_id]."""
+    outs = engine.step()
+    now = time.perf_counter()
+    for out in outs:
+        got = stamps.setdefault(out.request_id, [])
+        got.extend([now] * (len(out.outputs[0].token_ids) - len(got)))
+
+
 def run_throughput(engine, work: list[tuple[list[int], int]]) -> dict:
     """Run every request at once through engine; time each token as it comes."""
-    from cupaged.sampling_params import SamplingParams
     start = time.perf_counter()
     stamps: dict[str, list[float]] = {}
     for i, (ids, n_out) in enumerate(work):
-        rid = engine.add_request(f"bench-{i}", {"prompt_token_ids": ids},
-                                 SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True))
-        stamps[rid] = []
+        stamps[greedy_request(engine, f"bench-{i}", ids, n_out)] = []
     while engine.has_unfinished_requests():
-        outs = engine.step()
-        now = time.perf_counter()
-        for out in outs:
-            stamps[out.request_id].extend([now] * (len(out.outputs[0].token_ids) - len(stamps[out.request_id])))
+        stamp_step(engine, stamps)
     elapsed = time.perf_counter() - start
     return summarize(work, stamps.values(), start, elapsed)
 
 
+def percentile_ms(values: list[float], q: float) -> float | None:
+    """The q-th percentile (linear interpolation) of values in seconds, in ms; None if empty."""
+    return 1000 * float(np.percentile(values, q)) if values else None
+
+
 def summarize(work, stamps, start: float, elapsed: float) -> dict:
+    """Token counts, tokens/s, and TTFT (from start) and inter-token latency: median, p90, p99."""
     n_in = sum(len(ids) for ids, _ in work)
     n_out = sum(n for _, n in work)
     ttft = [s[0] - start for s in stamps if s]
@@ -69,7 +85,9 @@ def summarize(work, stamps, start: float, elapsed: float) -> dict:
     return {"requests": len(work), "input_tokens": n_in, "output_tokens": n_out, "elapsed_s": elapsed,
             "output_tok_s": n_out / elapsed, "total_tok_s": (n_in + n_out) / elapsed,
             "median_ttft_ms": 1000 * statistics.median(ttft) if ttft else None,
-            "median_itl_ms": 1000 * statistics.median(itl) if itl else None}
+            "median_itl_ms": 1000 * statistics.median(itl) if itl else None,
+            **{f"p{q}_{name}_ms": percentile_ms(values, q) for name, values in (("ttft", ttft), ("itl", itl))
+               for q in (90, 99)}}
 
 
 def print_result(title: str, result: dict, as_json: bool) -> None:
@@ -88,7 +106,8 @@ def print_result(title: str, result: dict, as_json: bool) -> None:
 
 @click.group()
 def bench() -> None:
-    """Benchmarks that print tokens/s, GB/s and TF/s: serving throughput, start-up, and kernels (GPU)."""
+    """Benchmarks that print tokens/s, latency, memory, GB/s and TF/s: serving throughput, latency at
+    1-64 concurrent requests, chunked prefill's effect on streams, KV memory waste, start-up, kernels (GPU)."""
 
 
 @bench.command()
@@ -149,5 +168,8 @@ def startup(model, backend, repeats):
 
 
 from cupaged.cli.bench_kernels import kernels  # noqa: E402  (registers `cupaged bench kernels`)
+from cupaged.cli.bench_latency import chunked, latency  # noqa: E402
+from cupaged.cli.bench_memory import memory  # noqa: E402
 
-bench.add_command(kernels)
+for command in (latency, chunked, memory, kernels):
+    bench.add_command(command)

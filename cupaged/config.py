@@ -16,6 +16,7 @@ class EngineConfig:
     block_size: int = 16                  # tokens per KV block
     max_num_seqs: int = 256               # sequences in one step
     max_num_batched_tokens: int = 2048    # tokens in one step; longer prompts are chunked
+    enable_chunked_prefill: bool = True   # False: a prompt joins whole, in one (possibly long) step
     max_model_len: int | None = None      # default: the model's max_position_embeddings
     kv_cache_memory: float | None = None  # <= 1: fraction of RAM; > 1: bytes; None: 0.1 of RAM on the
                                           # CPU, profiled device memory on CUDA (gpu_memory_utilization)

@@ -23,3 +23,7 @@ class InvalidRequestError(CupagedError, ValueError):
 
 class OutOfMemoryError(CupagedError):
     """The KV cache budget cannot hold even one sequence."""
+
+
+class TraceError(CupagedError, ValueError):
+    """A request trace (JSONL) that cannot be replayed: bad JSON, a missing or invalid field (names the line)."""

@@ -19,8 +19,9 @@ from cupaged.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str = EngineConfig.model, backend: str | Ops = "auto", **kwargs):
         """backend: "auto", "cpu", "cuda", or a ready `Ops` instance. kwargs are EngineConfig fields:
-        dtype, block_size, max_num_seqs, max_num_batched_tokens, max_model_len, kv_cache_memory, seed, progress,
-        preemption_mode ("recompute" or "swap"), swap_space (GiB of host memory for swapped-out KV blocks)."""
+        dtype, block_size, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, max_model_len,
+        kv_cache_memory, gpu_memory_utilization, enforce_eager, seed, progress, preemption_mode ("recompute"
+        or "swap"), swap_space (GiB of host memory for swapped-out KV blocks)."""
         ops = backend if isinstance(backend, Ops) else None
         config = EngineConfig(model=model, backend=ops.name if ops else backend, **kwargs)
         self.engine = LLMEngine(config, ops=ops)

@@ -52,7 +52,8 @@ class LLMEngine:
         num_blocks, num_host_blocks = self._num_blocks(), self._num_host_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, num_host_blocks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.preemption_mode)
+                                   preemption_mode=config.preemption_mode,
+                                   enable_chunked_prefill=config.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.ops, num_blocks, config.block_size,
                                   num_host_blocks=num_host_blocks)
         if not config.enforce_eager:

@@ -2,15 +2,24 @@
 
 Each step the scheduler hands the runner one `ScheduledBatch`: how many tokens each
 sequence computes now. A decode is a sequence scheduled for 1 token, a prefill chunk is a
-sequence scheduled for N; there are no modes. Running sequences are served first (so
-streams keep flowing), then waiting ones join while budget, `max_num_seqs` and free
-blocks allow. A prompt longer than the budget is prefilled over several steps.
+sequence scheduled for N; there are no modes. The budget is spent in this order:
+
+1. running sequences that decode (one uncomputed token), so streams keep flowing;
+2. running sequences still in prefill, a chunk each from what is left;
+3. waiting sequences, admitted while budget, `max_num_seqs` and free blocks allow.
+
+With chunked prefill (the default) a prompt longer than what is left is split over several
+steps. Without it a prompt is never split: it joins whole when it fits in what is left, or,
+as the step's first prompt, even past the budget, so a long prompt makes one long step that
+stalls every running stream (the behaviour `cupaged bench chunked` measures).
 
 When blocks run out, the newest running sequence is preempted. By recompute (the default):
 its blocks are freed and it goes back to the front of the waiting queue with its output kept.
 By swap (preemption_mode "swap", when the host pool has room): its blocks are copied to host
 memory and it waits in the `swapped` queue; swapped sequences come back, before any waiting
-request is admitted, as soon as device blocks allow, and resume where they stopped.
+request is admitted, as soon as device blocks allow, and resume where they stopped. A
+sequence already scheduled this step is never a victim: a prefill chunk that would need
+one waits for the next step instead, and no newcomer overtakes it.
 """
 from __future__ import annotations
 
@@ -47,12 +56,13 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 preemption_mode: str = "recompute"):
+                 preemption_mode: str = "recompute", enable_chunked_prefill: bool = True):
         assert preemption_mode in ("recompute", "swap"), preemption_mode
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption_mode = preemption_mode
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
@@ -69,22 +79,42 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [])
         num_preemptions = self.num_preemptions
-        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        budget = self._schedule_decodes(batch, self.max_num_batched_tokens)
+        budget = self._schedule_prefill_chunks(batch, budget)
         if self.num_preemptions == num_preemptions:  # nothing was preempted: room to come back or join
             budget = self._schedule_swapped(batch, budget)
             if not self.swapped:  # swapped sequences go before newcomers
                 self._schedule_waiting(batch, budget)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
-        for seq in list(self.running):
+    def _schedule_decodes(self, batch: ScheduledBatch, budget: int) -> int:
+        """One token each for running sequences that decode, preempting the newest for blocks."""
+        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted below, as a victim
                 continue
+            while not self.block_manager.can_append(seq, 1):
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                budget -= self._take(batch, seq, 1)
+        return budget
+
+    def _schedule_prefill_chunks(self, batch: ScheduledBatch, budget: int) -> int:
+        """A chunk each for running sequences still in prefill, from what the decodes left."""
+        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.can_append(seq, n):
                 victim = self.running[-1]
+                if victim in batch.seqs:  # scheduled this step: the chunk waits, and so do newcomers
+                    return 0
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
@@ -107,15 +137,24 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        first_prompt = True
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_append(seq, n):
+            n = self._admitted_tokens(seq, budget, first_prompt)
+            if n == 0 or not self.block_manager.can_append(seq, n):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            budget -= self._take(batch, seq, n)
+            budget = max(0, budget - self._take(batch, seq, n))
+            first_prompt = False
+
+    def _admitted_tokens(self, seq: Sequence, budget: int, first_prompt: bool) -> int:
+        """Tokens a waiting seq computes if admitted now: a chunk, or (chunking off) all or nothing."""
+        if self.enable_chunked_prefill:
+            return min(seq.num_uncomputed_tokens, budget)
+        whole = seq.num_uncomputed_tokens
+        return whole if whole <= budget or first_prompt else 0
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
         batch.blocks_to_copy += self.block_manager.append_slots(seq, n)

@@ -8,6 +8,7 @@ which must show a genuine near-tie.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -131,6 +132,38 @@ def test_chunked_prefill_keeps_greedy_outputs(smol_llm, smollm2_dir):
     ref = smol_llm.generate(prompt, params)[0].outputs[0]
     assert_same_or_tie(outputs[-1].outputs[0].token_ids, ref.token_ids, ref.logprobs, "chunked prefill")
     assert_all_blocks_free(llm)
+
+
+def test_chunking_off_keeps_greedy_outputs(smollm2_dir):
+    """Two streams decode while longer prompts arrive: prompts chunked under a 16-token budget
+    and prompts joined whole (one long step) give the same greedy tokens."""
+    prompts = random_prompts([10, 12, 70, 45], seed=3)
+    params = greedy(8, logprobs=2)
+    outputs, largest_step = {}, {}
+    for chunked in (True, False):
+        llm = LLM(model=str(smollm2_dir), backend="cpu", kv_cache_memory=64 * BLOCK_BYTES, max_model_len=256,
+                  max_num_batched_tokens=16, enable_chunked_prefill=chunked, progress=False)
+        engine, steps = llm.engine, []
+        schedule = engine.scheduler.schedule
+        engine.scheduler.schedule = lambda: steps.append(schedule()) or steps[-1]
+        engine.add_request("a", prompts[0], params)
+        engine.add_request("b", prompts[1], params)
+        engine.step()
+        engine.step()
+        engine.add_request("c", prompts[2], params)
+        engine.add_request("d", prompts[3], params)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((out.request_id, out.outputs[0]) for out in engine.step() if out.finished)
+        outputs[chunked] = [done[rid] for rid in "abcd"]
+        largest_step[chunked] = max(batch.total_tokens for batch in steps)
+        if not chunked:  # every prompt computed in one step
+            prompt_steps = Counter(s.request_id for b in steps for s, n in zip(b.seqs, b.num_tokens) if n > 1)
+            assert all(v == 1 for v in prompt_steps.values()) and len(prompt_steps) == 4
+        assert_all_blocks_free(llm)
+    assert largest_step == {True: 16, False: 70 + 2}, "the 70-token prompt joins whole beside the two streams"
+    for rid, on, off in zip("abcd", outputs[True], outputs[False]):
+        assert_same_or_tie(off.token_ids, on.token_ids, on.logprobs, f"request {rid} without chunking vs chunked")
 
 
 # --- generate / chat ----------------------------------------------------------------------------

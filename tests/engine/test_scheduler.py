@@ -22,9 +22,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 class FakeEngine:
-    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 chunked: bool = True):
         self.bm = BlockManager(num_blocks, block_size)
-        self.sched = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
+        self.sched = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill=chunked)
         self.preempted: list[list[Sequence]] = []  # per step
         self.samples: list[bool] = []  # the last step's batch.samples(i)
         self.finished: list[Sequence] = []
@@ -42,21 +43,31 @@ class FakeEngine:
         running_before = list(sched.running)
         waiting_before = list(sched.waiting)
         outputs_before = {seq.seq_id: seq.output_token_ids for seq in running_before}
+        decoding = [s for s in running_before if s.num_uncomputed_tokens == 1]
+        prefilling = [s for s in running_before if s.num_uncomputed_tokens > 1]
         batch = sched.schedule()
 
         # limits
+        budget = sched.max_num_batched_tokens
         assert len(batch.seqs) == len(batch.num_tokens)
-        assert batch.total_tokens <= sched.max_num_batched_tokens
         assert len(batch.seqs) <= sched.max_num_seqs and len(sched.running) <= sched.max_num_seqs
         assert len({s.seq_id for s in batch.seqs}) == len(batch.seqs)
-        assert [s for s in sched.running if s in batch.seqs] == batch.seqs
-        if len(batch.seqs) < len(sched.running):  # a running sequence is left out only for budget
-            assert batch.total_tokens == sched.max_num_batched_tokens
-        # running sequences come first, in their order, then newcomers from waiting
+        # decodes first, then running prefills' chunks, each in running order, then newcomers from waiting
         old = [s for s in batch.seqs if s in running_before]
+        assert old == [s for s in decoding + prefilling if s in old]
         assert batch.seqs[:len(old)] == old
-        assert [s for s in running_before if s in old] == old
-        assert batch.seqs[len(old):] == waiting_before[:len(batch.seqs) - len(old)]
+        new = batch.seqs[len(old):]
+        assert new == waiting_before[:len(new)]
+        new_tokens = batch.num_tokens[len(old):]
+        if sched.enable_chunked_prefill:
+            assert batch.total_tokens <= budget
+        else:  # a prompt joins whole; only the step's first may take it past the budget
+            assert all(n == s.num_uncomputed_tokens for s, n in zip(new, new_tokens))
+            assert batch.total_tokens <= budget or (len(new) == 1 and batch.total_tokens - new_tokens[0] < budget)
+        left_out = [s for s in sched.running if s not in batch.seqs]
+        if left_out:  # for budget, or a prefill chunk that waits for blocks (then nobody is admitted)
+            stalled = any(s.num_uncomputed_tokens > 1 for s in left_out)
+            assert batch.total_tokens >= budget or (stalled and not new)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             assert 0 < n <= seq.num_uncomputed_tokens
             assert seq.status is SequenceStatus.RUNNING
@@ -181,6 +192,60 @@ def test_chunked_prefill_shares_the_budget_with_decodes():
     assert seen == [(7, False), (7, False), (6, True)]
 
 
+def test_decodes_are_scheduled_before_a_running_prefill_earlier_in_running():
+    eng = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=8)
+    eng.add(2, max_tokens=20)
+    eng.step()
+    eng.add(20, max_tokens=1)
+    assert plan(eng.step()) == [("r0", 1), ("r1", 7)]
+    # Put the prefill first in `running`: served in running order it would take the whole
+    # budget (8 of its 13 tokens) and the stream would stall for a step.
+    eng.sched.running.reverse()
+    assert plan(eng.step()) == [("r0", 1), ("r1", 7)]
+    assert plan(eng.step()) == [("r0", 1), ("r1", 6)]
+
+
+def test_a_prefill_chunk_waiting_for_blocks_is_not_overtaken():
+    # 6 blocks of 4. The prefill (first in running) needs a fifth block while the pool is
+    # full and the only victim is a decode already scheduled: the chunk waits, nobody is
+    # admitted past it, and it resumes once the stream frees its blocks.
+    eng = FakeEngine(num_blocks=6, block_size=4, max_num_seqs=8, max_num_batched_tokens=16)
+    stream = eng.add(3, max_tokens=20)
+    eng.step()
+    eng.step()
+    prompt = eng.add(20, max_tokens=2)
+    assert plan(eng.step()) == [("r0", 1), ("r1", 15)] and eng.bm.num_free_blocks == 0
+    eng.sched.running.reverse()
+    late = eng.add(1)
+    for _ in range(3):
+        assert plan(eng.step()) == [("r0", 1)]  # the stream's third block still has room
+        assert list(eng.sched.waiting) == [late]
+    assert plan(eng.step()) == [("r1", 5)]  # the stream needed a block: it was the newest, so preempted
+    assert eng.preempted[-1] == [stream]
+    eng.run()
+    assert [s.num_output_tokens for s in (stream, prompt, late)] == [20, 2, 4]
+
+
+def test_without_chunking_a_prompt_joins_whole():
+    eng = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=8, chunked=False)
+    eng.add(2, max_tokens=10)
+    eng.add(2, max_tokens=10)
+    assert plan(eng.step()) == [("r0", 2), ("r1", 2)]
+    eng.add(21, max_tokens=2)
+    eng.add(3)
+    # the long prompt is the step's first: it joins whole, past the budget, and the one after waits
+    assert plan(eng.step()) == [("r0", 1), ("r1", 1), ("r2", 21)]
+    assert plan(eng.step()) == [("r0", 1), ("r1", 1), ("r2", 1), ("r3", 3)]
+
+
+def test_without_chunking_a_prompt_waits_for_room_rather_than_split():
+    eng = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=8, chunked=False)
+    eng.add(5, max_tokens=3)
+    eng.add(5, max_tokens=3)
+    assert plan(eng.step()) == [("r0", 5)]  # chunked, r1 would take 3 tokens here
+    assert plan(eng.step()) == [("r0", 1), ("r1", 5)]
+
+
 # --- preemption ----------------------------------------------------------------------------
 def test_newest_running_sequence_is_preempted_by_recompute_and_resumes():
     # 4 blocks of 4 tokens. Two 7-token prompts fill all 4 blocks; at position 8 the
@@ -280,7 +345,7 @@ def test_finish_of_a_preempted_sequence():
 
 
 # --- random workloads ----------------------------------------------------------------------
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     block_size=st.sampled_from([1, 2, 4, 8]),
     max_num_seqs=st.integers(1, 6),
@@ -288,11 +353,12 @@ def test_finish_of_a_preempted_sequence():
     spare_blocks=st.integers(0, 12),
     requests=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 15)),
                       min_size=1, max_size=12),
+    chunked=st.booleans(),
 )
-def test_random_workloads_finish_within_limits(block_size, max_num_seqs, budget, spare_blocks, requests):
-    """(prompt, max_tokens, arrival step) requests; the pool always fits the longest one."""
+def test_random_workloads_finish_within_limits(block_size, max_num_seqs, budget, spare_blocks, requests, chunked):
+    """(prompt, max_tokens, arrival step) requests; the pool always fits the longest one. Nobody starves."""
     longest = max(p + m - 1 for p, m, _ in requests)
-    eng = FakeEngine(cdiv(longest, block_size) + spare_blocks, block_size, max_num_seqs, budget)
+    eng = FakeEngine(cdiv(longest, block_size) + spare_blocks, block_size, max_num_seqs, budget, chunked)
     arrivals = sorted(((t, p, m) for p, m, t in requests), key=lambda r: r[0])
     seqs, step = [], 0
     while arrivals or eng.sched.has_unfinished():
