@@ -8,6 +8,10 @@ blocks allow. A prompt longer than the budget is prefilled over several steps.
 
 When blocks run out, the newest running sequence is preempted by recompute: its blocks
 are freed and it goes back to the front of the waiting queue with its output kept.
+
+Beam search: a beam that has its next-token log-probs before its siblings stays running with
+nothing to compute (it is skipped). If only such beams run and the queue's head does not fit,
+the newest give their blocks up (they are not queued: the beams forked from them recompute).
 """
 from __future__ import annotations
 
@@ -51,6 +55,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Run a sequence forked between steps from a running one (it holds shared blocks)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -59,6 +68,9 @@ class Scheduler:
         num_preemptions = self.num_preemptions
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if self.num_preemptions == num_preemptions:  # nothing was preempted: room for newcomers
+            self._schedule_waiting(batch, budget)
+        if not batch.seqs and self.running and self.waiting:  # all running wait on a lagging sibling
+            self._make_room(budget)
             self._schedule_waiting(batch, budget)
         return batch
 
@@ -69,6 +81,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # preempted below, as a victim
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:  # a beam holding its next-token log-probs until its siblings have theirs
+                continue
             while not self.block_manager.can_append(seq, n):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -79,7 +93,8 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = sum(seq.num_seats for seq in self.running)  # a prompt of n samples needs n places
+        while self.waiting and budget > 0 and seats + self.waiting[0].num_seats <= self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_append(seq, n):
@@ -87,7 +102,17 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            seats += seq.num_seats
             budget -= self._take(batch, seq, n)
+
+    def _make_room(self, budget: int) -> None:
+        """Every running sequence is a beam waiting on a queued sibling that does not fit: the newest
+        give their blocks up until it does."""
+        head = self.waiting[0]
+        n = min(head.num_uncomputed_tokens, budget)
+        while self.running and not (sum(s.num_seats for s in self.running) + head.num_seats <= self.max_num_seqs
+                                    and self.block_manager.can_append(head, n)):
+            self.preempt(self.running[-1])
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
         batch.blocks_to_copy += self.block_manager.append_slots(seq, n)
@@ -96,12 +121,16 @@ class Scheduler:
         return n
 
     def preempt(self, seq: Sequence) -> None:
-        """Free seq's blocks and queue it to be recomputed first."""
+        """Free seq's blocks and queue it to be recomputed first. A beam waiting on its siblings
+        (it has its next-token log-probs, nothing to compute) is not queued: the beams that the
+        search forks from it recompute instead."""
         logger.info("preempting %s (recompute)", seq.request_id)
+        waits_on_siblings = seq.num_uncomputed_tokens == 0
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.reset_for_recompute()
-        self.waiting.appendleft(seq)
+        if not waits_on_siblings:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
