@@ -12,6 +12,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     delta: str = ""                    # text that is new since the previous output (for streaming)
+    cumulative_logprob: float | None = None  # sum of the tokens' log-probs (with logprobs or beam search)
 
     @property
     def finished(self) -> bool:

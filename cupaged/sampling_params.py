@@ -15,6 +15,13 @@ class SamplingParams:
     prompt or output; presence/frequency penalties subtract from the logits of output tokens.
     `stop` strings are never part of the returned text. `logprobs=N` returns the top-N
     log-probabilities of each generated position (plus the chosen token).
+
+    n > 1 draws n samples that share the prompt's KV blocks (one prefill). Beam search
+    (`use_beam_search=True`, vLLM v0's names) keeps `best_of` beams and returns the best n
+    hypotheses by cumulative log-probability / length ** length_penalty; it needs
+    temperature 0 and no top-p/top-k/min-p filter or penalty (see cupaged/engine/beam.py).
+    `early_stopping`: True stops once best_of hypotheses are finished, False when the best
+    live beam's current score cannot beat the worst kept one, "never" when no live beam can.
     """
 
     n: int = 1
@@ -32,6 +39,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    best_of: int | None = None            # default n; beams kept by beam search
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False    # True | False | "never" (beam search only)
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -41,7 +52,13 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if self.best_of is None:
+            self.best_of = self.n
         self._validate()
+        if self.use_beam_search:
+            self._validate_beam_search()
+        else:
+            self._validate_sampling()
 
     def _validate(self) -> None:
         def bad(msg: str) -> None:
@@ -67,6 +84,37 @@ class SamplingParams:
             bad(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             bad(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.best_of < self.n:
+            bad(f"best_of must be >= n, got best_of {self.best_of} with n {self.n}")
+
+    def _validate_beam_search(self) -> None:
+        def bad(msg: str) -> None:
+            raise InvalidRequestError(f"{msg} when use_beam_search is set")
+
+        if self.best_of < 2:
+            bad(f"best_of (the beam width) must be at least 2, got {self.best_of} (width 1 is greedy: "
+                f"temperature=0 without beam search)")
+        if self.temperature != 0:
+            bad(f"temperature must be 0, got {self.temperature}")
+        if self.top_p != 1.0 or self.top_k != -1 or self.min_p != 0.0:
+            bad(f"top_p must be 1, top_k -1 and min_p 0, got top_p {self.top_p}, top_k {self.top_k}, "
+                f"min_p {self.min_p}")
+        if self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty:
+            bad("repetition_penalty, presence_penalty and frequency_penalty are not supported")
+        if self.early_stopping not in (True, False, "never"):
+            bad(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+
+    def _validate_sampling(self) -> None:
+        def bad(msg: str) -> None:
+            raise InvalidRequestError(f"{msg} without use_beam_search")
+
+        if self.best_of != self.n:
+            bad(f"best_of must equal n (choosing n of best_of samples is not implemented), got best_of "
+                f"{self.best_of} with n {self.n}")
+        if self.length_penalty != 1.0:
+            bad(f"length_penalty has no effect and must be 1.0, got {self.length_penalty}")
+        if self.early_stopping is not False:
+            bad(f"early_stopping has no effect and must be False, got {self.early_stopping!r}")
 
     @property
     def greedy(self) -> bool:

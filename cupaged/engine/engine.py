@@ -4,6 +4,11 @@ Each step: the scheduler picks tokens per sequence, the runner computes them, th
 picks next tokens for sequences that reached their end, and finished sequences give their
 blocks back. Bad requests are refused in add_request with an InvalidRequestError, before
 anything is queued, so the requests already running never notice.
+
+Sharing: a request of n > 1 samples prefills once. Only its first sequence is queued; at the
+step where it draws its first token, the other n - 1 fork from it (sharing every prompt
+block) and draw theirs from the same logits row, each with its own generator. A beam-search
+request (engine/beam.py) forks and frees beams every step the same way.
 """
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ import itertools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from cupaged.backend import Ops, get_ops
 from cupaged.config import EngineConfig
+from cupaged.engine.beam import BeamSearch, log_softmax
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner, profile_forward
 from cupaged.engine.sampler import Sampler
@@ -35,8 +43,13 @@ class Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    seqs: list[Sequence]
+    seqs: list[Sequence]                # the n samples: seqs[0] prefills, the others fork from it
     detoks: list[IncrementalDetokenizer]
+    search: BeamSearch | None = None    # beam search: its live beams and finished hypotheses
+
+    def live_seqs(self) -> list[Sequence]:
+        """The sequences that may hold blocks (or will, once forked)."""
+        return [seq for seq in (self.search.beams if self.search else self.seqs) if not seq.is_finished]
 
 
 class LLMEngine:
@@ -105,14 +118,18 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if params.best_of > self.config.max_num_seqs:
+            raise InvalidRequestError(f"n / best_of {params.best_of} is more sequences than max_num_seqs "
+                                      f"{self.config.max_num_seqs} lets run at once")
         text, ids = self._tokenize(prompt)
         logger.debug("request %s: %d prompt tokens", request_id, len(ids))
-        seqs = [Sequence(request_id, ids, params, index=i) for i in range(params.n)]
+        seqs = [Sequence(request_id, ids, params, index=i) for i in range(1 if params.use_beam_search else params.n)]
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
                   for _ in seqs]
-        self.requests[request_id] = Request(request_id, text, ids, seqs, detoks)
-        for seq in seqs:
-            self.scheduler.add(seq)
+        req = self.requests[request_id] = Request(request_id, text, ids, seqs, detoks)
+        if params.use_beam_search:
+            req.search = BeamSearch(seqs[0], detoks[0], self.eos_token_ids, self.max_model_len)
+        self.scheduler.add(seqs[0])  # the others fork from it at its first token
         return request_id
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -141,10 +158,9 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request now and free every block it holds (device or, if swapped out, host)."""
         req = self.requests.pop(str(request_id), None)
-        for seq in req.seqs if req else []:
-            if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
-                self.sampler.forget(seq)
+        for seq in req.live_seqs() if req else []:
+            self.scheduler.finish(seq, "abort")
+            self.sampler.forget(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -156,26 +172,82 @@ class LLMEngine:
         if not batch.seqs:
             self.runner.move_blocks(batch)  # a step may only swap out (each victim is saved all the same)
             return []
-        logits = self.runner.run(batch)
+        logits = self.runner.run(batch)  # [S, V]: row r for sampled[r]
         sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
-        tokens, logprobs = self.sampler.sample(logits, sampled) if sampled else ([], [])
-        moved = {}
-        for seq, token, lp in zip(sampled, tokens, logprobs):
+        beams = [r for r, seq in enumerate(sampled) if seq.params.use_beam_search]
+        draws = [r for r, seq in enumerate(sampled) if not seq.params.use_beam_search]
+        moved = self._draw(logits, sampled, draws) + self._search(logits, sampled, beams)
+        return [self._output(self.requests[rid]) for rid in dict.fromkeys(moved)]
+
+    def _draw(self, logits, sampled: list[Sequence], rows: list[int]) -> list[str]:
+        """Sample the next token of sampled[r] for r in rows; a first token forks the request's siblings,
+        which draw from the same row."""
+        seqs, picks = [], []
+        for r in rows:
+            family = [sampled[r]] + self._fork_siblings(sampled[r])
+            seqs += family
+            picks += [r] * len(family)
+        if not seqs:
+            return []
+        if picks != list(range(len(sampled))):
+            logits = logits[self.ops.asarray(np.array(picks, dtype=np.int32))]  # [len(seqs), V]
+        tokens, logprobs = self.sampler.sample(logits, seqs)
+        for seq, token, lp in zip(seqs, tokens, logprobs):
             self._append(seq, token, lp)
-            moved[seq.request_id] = self.requests[seq.request_id]
-        return [self._output(req) for req in moved.values()]
+        return [seq.request_id for seq in seqs]
+
+    def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
+        """At the first token of a request's first sample, the other samples fork from it: they share
+        its prompt blocks (the partly filled last one is copied on its first write)."""
+        req = self.requests[seq.request_id]
+        if seq.num_output_tokens or seq is not req.seqs[0]:
+            return []
+        for child in req.seqs[1:]:
+            self.block_manager.fork(seq, child)
+            self.scheduler.add_running(child)
+        return req.seqs[1:]
+
+    def _search(self, logits, sampled: list[Sequence], rows: list[int]) -> list[str]:
+        """Give beams sampled[r] (r in rows) their next-token log-probs; step every search whose beams
+        all have theirs. Returns the requests whose search ended."""
+        if not rows:
+            return []
+        host = self.ops.to_numpy(logits[self.ops.asarray(np.array(rows, dtype=np.int32))])
+        logprobs = log_softmax(host)  # [len(rows), V] float64
+        reqs = {}
+        for row, r in enumerate(rows):
+            req = reqs[sampled[r].request_id] = self.requests[sampled[r].request_id]
+            req.search.offer(sampled[r], logprobs[row])
+        done = []
+        for req in reqs.values():
+            if req.search.ready():
+                self._step_search(req)
+                if req.search.done:
+                    done.append(req.request_id)
+        return done
+
+    def _step_search(self, req: Request) -> None:
+        go_on, retired = req.search.step(self._update_text)
+        for child, beam in go_on:  # fork before the old beams let go of their blocks
+            self.block_manager.fork(beam, child)
+            self.scheduler.add_running(child)
+        for beam in retired:
+            self.scheduler.finish(beam, "beam")
 
     def _append(self, seq: Sequence, token: int, logprobs) -> None:
         seq.append_token(token, logprobs)
-        detok = self.requests[seq.request_id].detoks[seq.index]
-        if not self._is_stop_token(seq, token):  # as in vLLM, a stop token's text is not returned
-            detok.add(token)
-        reason = self._finish_reason(seq, token, detok)
+        reason = self._update_text(seq, token, self.requests[seq.request_id].detoks[seq.index])
         if reason:
             self.scheduler.finish(seq, reason)
             self.sampler.forget(seq)
+
+    def _update_text(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
+        """Add the token just appended to seq to its text; return why seq stops, if it does."""
+        if not self._is_stop_token(seq, token):  # as in vLLM, a stop token's text is not returned
+            detok.add(token)
+        return self._finish_reason(seq, token, detok)
 
     def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
         p = seq.params
@@ -189,11 +261,25 @@ class LLMEngine:
         return (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
 
     def _output(self, req: Request) -> RequestOutput:
+        if req.search:
+            return self._search_output(req)
+        cumulative = req.seqs[0].params.logprobs is not None
         outs = [CompletionOutput(seq.index, d.text, seq.output_token_ids,
-                                 seq.logprobs if seq.params.logprobs is not None else None, seq.finish_reason,
-                                 delta=d.delta(final=seq.is_finished))
+                                 seq.logprobs if cumulative else None, seq.finish_reason,
+                                 delta=d.delta(final=seq.is_finished),
+                                 cumulative_logprob=seq.cumulative_logprob if cumulative else None)
                 for seq, d in zip(req.seqs, req.detoks)]
         finished = all(seq.is_finished for seq in req.seqs)
         if finished:
             del self.requests[req.request_id]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished)
+
+    def _search_output(self, req: Request) -> RequestOutput:
+        """A beam search's one output, when it ends: the best n hypotheses, best first."""
+        p = req.seqs[0].params
+        outs = [CompletionOutput(i, d.text, seq.output_token_ids, seq.logprobs if p.logprobs is not None else None,
+                                 seq.finish_reason, delta=d.delta(final=True),
+                                 cumulative_logprob=seq.cumulative_logprob)
+                for i, (seq, d) in enumerate(req.search.best(p.n))]
+        del self.requests[req.request_id]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, True)

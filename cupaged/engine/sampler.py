@@ -83,7 +83,7 @@ class Sampler:
             else:
                 token = self._draw(processed[row], seq)
             tokens.append(token)
-            logprobs.append(_top_logprobs(logits[row], token, p.logprobs) if p.logprobs is not None else None)
+            logprobs.append(top_logprobs(logits[row], token, p.logprobs) if p.logprobs is not None else None)
         return tokens, logprobs
 
     def forget(self, seq: Sequence) -> None:
@@ -133,7 +133,7 @@ def _softmax(row: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _top_logprobs(row: np.ndarray, token: int, n: int) -> dict[int, float]:
+def top_logprobs(row: np.ndarray, token: int, n: int) -> dict[int, float]:
     """The chosen token's log-probability plus the top-n tokens', from raw logits."""
     row = row.astype(np.float64)
     m = row.max()

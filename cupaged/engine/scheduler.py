@@ -20,6 +20,10 @@ memory and it waits in the `swapped` queue; swapped sequences come back, before 
 request is admitted, as soon as device blocks allow, and resume where they stopped. A
 sequence already scheduled this step is never a victim: a prefill chunk that would need
 one waits for the next step instead, and no newcomer overtakes it.
+
+Beam search: a beam that has its next-token log-probs before its siblings stays running with
+nothing to compute (it is skipped). If only such beams run and the queue's head does not fit,
+the newest give their blocks up (they are not queued: the beams forked from them recompute).
 """
 from __future__ import annotations
 
@@ -73,6 +77,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Run a sequence forked between steps from a running one (it holds shared blocks)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
@@ -85,6 +94,9 @@ class Scheduler:
             budget = self._schedule_swapped(batch, budget)
             if not self.swapped:  # swapped sequences go before newcomers
                 self._schedule_waiting(batch, budget)
+        if not batch.seqs and self.running and self.waiting and not self.swapped:  # all wait on a sibling
+            self._make_room(budget)
+            self._schedule_waiting(batch, budget)
         return batch
 
     def _schedule_decodes(self, batch: ScheduledBatch, budget: int) -> int:
@@ -111,6 +123,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:  # a beam holding its next-token log-probs until its siblings have theirs
+                continue
             while not self.block_manager.can_append(seq, n):
                 victim = self.running[-1]
                 if victim in batch.seqs:  # scheduled this step: the chunk waits, and so do newcomers
@@ -123,7 +137,8 @@ class Scheduler:
         return budget
 
     def _schedule_swapped(self, batch: ScheduledBatch, budget: int) -> int:
-        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = sum(seq.num_seats for seq in self.running)
+        while self.swapped and budget > 0 and seats + self.swapped[0].num_seats <= self.max_num_seqs:
             seq = self.swapped[0]
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_swap_in(seq, n):
@@ -133,12 +148,14 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.num_swap_ins += 1
+            seats += seq.num_seats
             budget -= self._take(batch, seq, n)
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         first_prompt = True
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = sum(seq.num_seats for seq in self.running)  # a prompt of n samples needs n places
+        while self.waiting and budget > 0 and seats + self.waiting[0].num_seats <= self.max_num_seqs:
             seq = self.waiting[0]
             n = self._admitted_tokens(seq, budget, first_prompt)
             if n == 0 or not self.block_manager.can_append(seq, n):
@@ -146,6 +163,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            seats += seq.num_seats
             budget = max(0, budget - self._take(batch, seq, n))
             first_prompt = False
 
@@ -156,6 +174,15 @@ class Scheduler:
         whole = seq.num_uncomputed_tokens
         return whole if whole <= budget or first_prompt else 0
 
+    def _make_room(self, budget: int) -> None:
+        """Every running sequence is a beam waiting on a queued sibling that does not fit: the newest
+        give their blocks up until it does."""
+        head = self.waiting[0]
+        n = min(head.num_uncomputed_tokens, budget)
+        while self.running and not (sum(s.num_seats for s in self.running) + head.num_seats <= self.max_num_seqs
+                                    and self.block_manager.can_append(head, n)):
+            self.preempt(self.running[-1])
+
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
         batch.blocks_to_copy += self.block_manager.append_slots(seq, n)
         batch.seqs.append(seq)
@@ -163,7 +190,9 @@ class Scheduler:
         return n
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        if self.preemption_mode == "swap":
+        """Swap seq out (preemption_mode "swap", room on the host) or preempt it by recompute. A beam
+        waiting on its siblings is never swapped: preempt drops it (its forks recompute)."""
+        if self.preemption_mode == "swap" and seq.num_uncomputed_tokens > 0:
             if self.block_manager.can_swap_out(seq):
                 self.swap_out(seq, batch)
                 return
@@ -183,12 +212,16 @@ class Scheduler:
         self.num_swap_outs += 1
 
     def preempt(self, seq: Sequence) -> None:
-        """Free seq's blocks and queue it to be recomputed first."""
+        """Free seq's blocks and queue it to be recomputed first. A beam waiting on its siblings
+        (it has its next-token log-probs, nothing to compute) is not queued: the beams that the
+        search forks from it recompute instead."""
         logger.info("preempting %s (recompute)", seq.request_id)
+        waits_on_siblings = seq.num_uncomputed_tokens == 0
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.reset_for_recompute()
-        self.waiting.appendleft(seq)
+        if not waits_on_siblings:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -39,6 +39,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] = []
+        self.cumulative_logprob = 0.0         # sum of the chosen tokens' log-probabilities, where known
         self.num_preemptions = 0
 
     def __repr__(self) -> str:
@@ -65,10 +66,27 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def num_seats(self) -> int:
+        """Places in max_num_seqs this sequence stands for: best_of until its first token (the
+        request's other samples or beams fork from it then), else 1."""
+        return self.params.best_of if self.num_output_tokens == 0 else 1
+
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+        """logprobs: the position's log-probabilities, which include the chosen token's."""
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token_id]
+
+    def fork(self) -> Sequence:
+        """A new waiting sequence with this one's tokens and log-probabilities, holding no blocks
+        (BlockManager.fork shares them)."""
+        child = Sequence(self.request_id, self.prompt_token_ids, self.params, self.index)
+        child.token_ids = list(self.token_ids)
+        child.logprobs = list(self.logprobs)
+        child.cumulative_logprob = self.cumulative_logprob
+        return child
 
     def finish(self, reason: str) -> None:
         self.status = SequenceStatus.FINISHED

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 from datetime import datetime
 from pathlib import Path
@@ -109,6 +110,12 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self._cut_at_stop(start)
+
+    def fork(self) -> IncrementalDetokenizer:
+        """A copy that goes on decoding on its own (a beam's continuation)."""
+        clone = copy.copy(self)
+        clone.ids = list(self.ids)
+        return clone
 
     def _cut_at_stop(self, start: int) -> None:
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
