@@ -18,6 +18,7 @@ class EngineConfig:
     max_model_len: int | None = None      # default: the model's max_position_embeddings
     kv_cache_memory: float = 0.1          # <= 1: fraction of RAM; > 1: bytes
     seed: int | None = None               # for requests without their own seed
+    enable_prefix_caching: bool = True    # reuse the K/V of full blocks whose prefix was seen before
     progress: bool = True                 # progress bars when fetching/converting weights
 
     def __post_init__(self) -> None:

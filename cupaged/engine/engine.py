@@ -15,6 +15,7 @@ from cupaged.backend import Ops, get_ops
 from cupaged.config import EngineConfig
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner
+from cupaged.engine.prefix_cache import PrefixCacheStats
 from cupaged.engine.sampler import Sampler
 from cupaged.engine.scheduler import Scheduler
 from cupaged.engine.sequence import Sequence
@@ -50,7 +51,7 @@ class LLMEngine:
         self.model = LlamaModel(cfg, self.ops, load_model_weights(self.model_dir, cfg))
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         num_blocks = self._num_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.ops, num_blocks, config.block_size)
         self.sampler = Sampler(config.seed, self.ops)
@@ -73,15 +74,19 @@ class LLMEngine:
         return int(num_blocks)
 
     # --- requests -------------------------------------------------------------------------
-    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None) -> str:
-        """Queue a prompt (text, token ids, or {"prompt_token_ids": [...]}). Returns the request id."""
+    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
+                    cache_salt: str | None = None) -> str:
+        """Queue a prompt (text, token ids, or {"prompt": ..., "prompt_token_ids": [...], "cache_salt": ...}).
+        Requests with different cache salts (the dict's own, else `cache_salt`) never share cached
+        K/V blocks. Returns the request id."""
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
+        salt = self._cache_salt(prompt, cache_salt)
         logger.debug("request %s: %d prompt tokens", request_id, len(ids))
-        seqs = [Sequence(request_id, ids, params, index=i) for i in range(params.n)]
+        seqs = [Sequence(request_id, ids, params, index=i, cache_salt=salt) for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
                   for _ in seqs]
         self.requests[request_id] = Request(request_id, text, ids, seqs, detoks)
@@ -112,6 +117,13 @@ class LLMEngine:
                 f"(the prompt must leave room for at least one generated token)")
         return text, ids
 
+    @staticmethod
+    def _cache_salt(prompt, default: str | None) -> str | None:
+        salt = prompt.get("cache_salt", default) if isinstance(prompt, dict) else default
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise InvalidRequestError(f"cache_salt must be a non-empty string, got {salt!r}")
+        return salt
+
     def abort(self, request_id: str) -> None:
         """Stop a request now and free every block it holds."""
         req = self.requests.pop(str(request_id), None)
@@ -123,6 +135,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prefix-cache counters since start-up, in tokens: `.queries` (looked up at admission),
+        `.hits` (reused instead of computed) and `.hit_rate`. All zero when caching is off."""
+        return self.block_manager.prefix_cache_stats()
+
     # --- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of requests that moved."""
@@ -133,6 +150,7 @@ class LLMEngine:
         sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
         tokens, logprobs = self.sampler.sample(logits, sampled) if sampled else ([], [])
         moved = {}
         for seq, token, lp in zip(sampled, tokens, logprobs):

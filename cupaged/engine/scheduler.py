@@ -4,7 +4,9 @@ Each step the scheduler hands the runner one `ScheduledBatch`: how many tokens e
 sequence computes now. A decode is a sequence scheduled for 1 token, a prefill chunk is a
 sequence scheduled for N; there are no modes. Running sequences are served first (so
 streams keep flowing), then waiting ones join while budget, `max_num_seqs` and free
-blocks allow. A prompt longer than the budget is prefilled over several steps.
+blocks allow. A prompt longer than the budget is prefilled over several steps. A sequence
+being admitted first takes the cached blocks of its longest known prefix (prefix caching), so
+only the rest is scheduled.
 
 When blocks run out, the newest running sequence is preempted by recompute: its blocks
 are freed and it goes back to the front of the waiting queue with its output kept.
@@ -81,13 +83,24 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_append(seq, n):
+            n = self._admit(seq, budget)
+            if n is None:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             budget -= self._take(batch, seq, n)
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Reuse seq's cached prefix, then size its first chunk. None if the blocks for that
+        chunk are short; seq then holds nothing and waits (cached blocks count as taken from
+        the free pool, so admission never over-commits)."""
+        self.block_manager.reuse_cached_prefix(seq)
+        n = min(seq.num_uncomputed_tokens, budget)
+        if self.block_manager.can_append(seq, n):
+            return n
+        self.block_manager.cancel_reuse(seq)
+        return None
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
         batch.blocks_to_copy += self.block_manager.append_slots(seq, n)
