@@ -1,8 +1,10 @@
-"""BlockManager: ref counts, the free queue, copy-on-write, and leak/double-free checks.
+"""BlockManager: ref counts, the free queue, copy-on-write, prefix caching, and leak/double-free checks.
 
-The stateful test drives a BlockManager through long random runs of create / append /
-compute / fork / write-into-shared / free and checks every invariant after each step
-against a naive model (ref counts recounted from the live block tables).
+The stateful test drives a BlockManager through long random runs of create / admit (with
+prefix-cache reuse) / append / compute / fork / write-into-shared / free and checks every
+invariant after each step against naive models: ref counts recounted from the live block
+tables, and what every KV slot holds (the salt and token prefix whose last token was written
+there), so a reused or shared block that holds the wrong prefix is caught.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cupaged.engine.block_manager import BlockManager
+from cupaged.engine.prefix_cache import extend_block_hashes
 from cupaged.engine.sequence import Sequence
 from cupaged.sampling_params import SamplingParams
 
@@ -43,12 +46,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     MAX_LIVE = 10
 
-    @initialize(num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 3, 4, 8, 16]))
-    def setup(self, num_blocks: int, block_size: int) -> None:
-        self.bm = BlockManager(num_blocks, block_size)
+    @initialize(num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 3, 4, 8, 16]),
+                caching=st.booleans())
+    def setup(self, num_blocks: int, block_size: int, caching: bool) -> None:
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
         self.live: list[Sequence] = []
         self.pending: dict[int, int] = {}  # seq_id -> tokens slotted, not yet computed
         self.num_created = 0
+        self.kv: dict[int, tuple] = {}  # slot -> (salt, token prefix) whose K/V it holds
+        self.queries = self.hits = 0
 
     # --- helpers ---------------------------------------------------------------------------
     def holders(self) -> Counter:
@@ -75,8 +81,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
         shared = n > 0 and index < len(seq.block_table) and self.holders()[seq.block_table[index]] > 1
         return grow + int(shared)
 
-    def new_seq(self, num_prompt_tokens: int) -> Sequence:
+    def kv_entry(self, seq: Sequence, position: int) -> tuple:
+        return seq.cache_salt, tuple(seq.token_ids[:position + 1])
+
+    def named_prefixes(self) -> set[tuple]:
+        """What the blocks in the prefix cache hold, as the kv entry of their last slot."""
+        bs = self.bm.block_size
+        return {self.kv.get(block.block_id * bs + bs - 1) for block in self.bm.cached_blocks.values()}
+
+    def new_seq(self, num_prompt_tokens: int, token_ids: list[int] | None = None) -> Sequence:
         seq = make_seq(num_prompt_tokens, f"r{self.num_created}")
+        if token_ids is not None:
+            seq = Sequence(seq.request_id, token_ids, PARAMS)
         self.num_created += 1
         self.live.append(seq)
         self.pending[seq.seq_id] = 0
@@ -97,6 +113,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert needed <= free_before
         holders_before = self.holders()
         copies = bm.append_slots(seq, n)
+        for src, dst in copies:  # the copy runs before the step
+            for i in range(bm.block_size):
+                self.kv[dst * bm.block_size + i] = self.kv.get(src * bm.block_size + i)
         assert bm.num_free_blocks == free_before - needed
         index = seq.num_computed_tokens // bm.block_size
         # untouched prefix, appended tail
@@ -118,6 +137,27 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def create(self, num_prompt_tokens: int) -> None:
         self.new_seq(num_prompt_tokens)
 
+    @precondition(lambda self: len(self.live) < self.MAX_LIVE)
+    @rule(shared=st.integers(0, 40), tail=st.lists(st.integers(1, 2), max_size=12),
+          salt=st.sampled_from([None, "a"]))
+    def admit(self, shared: int, tail: list[int], salt: str | None) -> None:
+        """A new sequence (a prefix of 1, 2, 3... then a random tail) takes its cached prefix."""
+        token_ids = list(range(1, shared + 1)) + tail or [1]
+        seq = self.new_seq(len(token_ids), token_ids)
+        seq.cache_salt = salt
+        bs, free_before = self.bm.block_size, self.bm.num_free_blocks
+        reused = self.bm.reuse_cached_prefix(seq)
+        assert reused == seq.num_computed_tokens == len(seq.block_table) * bs
+        assert reused <= seq.num_tokens - 1
+        self.queries += seq.num_tokens if self.bm.enable_prefix_caching else 0
+        self.hits += reused
+        assert self.bm.num_free_blocks == free_before - sum(self.holders()[b] == 1 for b in seq.block_table)
+        # the match is the longest: the next block's prefix is in no named block
+        k = len(seq.block_table) + 1
+        if self.bm.enable_prefix_caching and k * bs <= seq.num_tokens - 1:
+            assert self.kv_entry(seq, k * bs - 1) not in self.named_prefixes()
+        # (that the reused blocks hold this sequence's prefix is the invariant kv_holds_each_prefix)
+
     @precondition(lambda self: self.idle())
     @rule(data=st.data(), n=st.integers(0, 40))
     def append(self, data, n: int) -> None:
@@ -129,10 +169,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def compute(self, data) -> None:
         busy = [seq for seq in self.live if self.pending[seq.seq_id]]
         seq = data.draw(st.sampled_from(busy), label="seq")
+        start = seq.num_computed_tokens
         seq.num_computed_tokens += self.pending[seq.seq_id]
         self.pending[seq.seq_id] = 0
         while seq.num_tokens <= seq.num_computed_tokens:  # the step sampled a token
             seq.append_token(7)
+        for p in range(start, seq.num_computed_tokens):
+            self.kv[self.bm.slot(seq, p)] = self.kv_entry(seq, p)
+        self.bm.cache_full_blocks(seq)
 
     @precondition(lambda self: self.idle() and len(self.live) < self.MAX_LIVE)
     @rule(data=st.data())
@@ -142,6 +186,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         free_before = self.bm.num_free_blocks
         child = self.new_seq(parent.num_prompt_tokens)
         child.token_ids = list(parent.token_ids)
+        child.cache_salt = None  # fork gives the child its parent's salt
         self.bm.fork(parent, child)
         assert child.block_table == parent.block_table
         assert child.block_table is not parent.block_table
@@ -149,6 +194,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert self.bm.num_free_blocks == free_before
         for b, ref in refs_before.items():
             assert self.bm.blocks[b].ref_cnt == ref + 1
+        assert child.cache_salt == parent.cache_salt
 
     @precondition(lambda self: self.shared_writers())
     @rule(data=st.data(), n=st.integers(1, 20))
@@ -215,6 +261,29 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert len(seq.block_table) * bs >= covered
             assert len(seq.block_table) == cdiv(covered, bs), "table holds more blocks than it needs"
             assert len(set(seq.block_table)) == len(seq.block_table)
+
+
+    @invariant()
+    def kv_holds_each_prefix(self) -> None:
+        """Every computed position of every live sequence reads back its own salt and prefix."""
+        for seq in self.live:
+            for p in range(seq.num_computed_tokens):
+                assert self.kv.get(self.bm.slot(seq, p)) == self.kv_entry(seq, p), (seq, p)
+
+    @invariant()
+    def cache_names_match_contents(self) -> None:
+        bm, bs = self.bm, self.bm.block_size
+        named = [block for block in bm.blocks if block.block_hash is not None]
+        assert bm.enable_prefix_caching or not named
+        assert sorted(b.block_id for b in bm.cached_blocks.values()) == sorted(b.block_id for b in named), \
+            "the map and the blocks' names disagree (or one block has two entries)"
+        for block_hash, block in bm.cached_blocks.items():
+            assert block.block_hash == block_hash
+            # a named block is full, and its name is the chain hash of the prefix it holds
+            salt, prefix = self.kv[block.block_id * bs + bs - 1]
+            assert len(prefix) % bs == 0
+            assert extend_block_hashes([], prefix, bs, len(prefix) // bs, salt)[-1] == block_hash
+        assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (self.queries, self.hits)
 
 
 TestBlockManagerStateful = BlockManagerMachine.TestCase
