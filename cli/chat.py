@@ -57,7 +57,7 @@ def _answer(llm, history: list[dict], params, verbose: bool) -> str | None:
         click.echo(f"error: {e}", err=True)
         return None
     start, first, n_tokens, text = time.perf_counter(), None, 0, ""
-    cache_before = llm.engine.prefix_cache_stats()
+    cache_before = llm.engine.prefix_cache_stats() if verbose else None
     stream = llm.stream_outputs(prompt, params)
     try:
         for out in stream:
