@@ -119,7 +119,8 @@ class LLMEngine:
 
     @staticmethod
     def _cache_salt(prompt, default: str | None) -> str | None:
-        salt = prompt.get("cache_salt", default) if isinstance(prompt, dict) else default
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        salt = default if salt is None else salt
         if salt is not None and (not isinstance(salt, str) or not salt):
             raise InvalidRequestError(f"cache_salt must be a non-empty string, got {salt!r}")
         return salt
