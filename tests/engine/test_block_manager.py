@@ -1,10 +1,11 @@
-"""BlockManager: ref counts, the free queue, copy-on-write, prefix caching, and leak/double-free checks.
+"""BlockManager: ref counts, the free queue, copy-on-write, and leak/double-free checks.
 
-The stateful test drives a BlockManager through long random runs of create / admit (with
-prefix-cache reuse) / append / compute / fork / write-into-shared / free and checks every
-invariant after each step against naive models: ref counts recounted from the live block
-tables, and what every KV slot holds (the salt and token prefix whose last token was written
-there), so a reused or shared block that holds the wrong prefix is caught.
+The stateful test drives a BlockManager through long random runs of create / append /
+compute / fork / write-into-shared / free and checks every invariant after each step
+against naive models: ref counts recounted from the live block tables, and what every KV
+slot holds (the salt and token prefix whose last token was written there), so a shared or
+copied block that holds the wrong prefix is caught. tests/engine/test_prefix_cache.py runs
+the same machine with prefix caching on and an `admit` rule that reuses cached blocks.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cupaged.engine.block_manager import BlockManager
-from cupaged.engine.prefix_cache import extend_block_hashes
 from cupaged.engine.sequence import Sequence
 from cupaged.sampling_params import SamplingParams
 
@@ -45,16 +45,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
     """
 
     MAX_LIVE = 10
+    CACHING = False
 
-    @initialize(num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 3, 4, 8, 16]),
-                caching=st.booleans())
-    def setup(self, num_blocks: int, block_size: int, caching: bool) -> None:
-        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
+    @initialize(num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 3, 4, 8, 16]))
+    def setup(self, num_blocks: int, block_size: int) -> None:
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=self.CACHING)
         self.live: list[Sequence] = []
         self.pending: dict[int, int] = {}  # seq_id -> tokens slotted, not yet computed
         self.num_created = 0
         self.kv: dict[int, tuple] = {}  # slot -> (salt, token prefix) whose K/V it holds
-        self.queries = self.hits = 0
 
     # --- helpers ---------------------------------------------------------------------------
     def holders(self) -> Counter:
@@ -84,15 +83,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def kv_entry(self, seq: Sequence, position: int) -> tuple:
         return seq.cache_salt, tuple(seq.token_ids[:position + 1])
 
-    def named_prefixes(self) -> set[tuple]:
-        """What the blocks in the prefix cache hold, as the kv entry of their last slot."""
-        bs = self.bm.block_size
-        return {self.kv.get(block.block_id * bs + bs - 1) for block in self.bm.cached_blocks.values()}
-
-    def new_seq(self, num_prompt_tokens: int, token_ids: list[int] | None = None) -> Sequence:
-        seq = make_seq(num_prompt_tokens, f"r{self.num_created}")
-        if token_ids is not None:
-            seq = Sequence(seq.request_id, token_ids, PARAMS)
+    def new_seq(self, token_ids: list[int], salt: str | None = None) -> Sequence:
+        seq = Sequence(f"r{self.num_created}", token_ids, PARAMS, cache_salt=salt)
         self.num_created += 1
         self.live.append(seq)
         self.pending[seq.seq_id] = 0
@@ -135,28 +127,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.live) < self.MAX_LIVE)
     @rule(num_prompt_tokens=st.integers(1, 64))
     def create(self, num_prompt_tokens: int) -> None:
-        self.new_seq(num_prompt_tokens)
-
-    @precondition(lambda self: len(self.live) < self.MAX_LIVE)
-    @rule(shared=st.integers(0, 40), tail=st.lists(st.integers(1, 2), max_size=12),
-          salt=st.sampled_from([None, "a"]))
-    def admit(self, shared: int, tail: list[int], salt: str | None) -> None:
-        """A new sequence (a prefix of 1, 2, 3... then a random tail) takes its cached prefix."""
-        token_ids = list(range(1, shared + 1)) + tail or [1]
-        seq = self.new_seq(len(token_ids), token_ids)
-        seq.cache_salt = salt
-        bs, free_before = self.bm.block_size, self.bm.num_free_blocks
-        reused = self.bm.reuse_cached_prefix(seq)
-        assert reused == seq.num_computed_tokens == len(seq.block_table) * bs
-        assert reused <= seq.num_tokens - 1
-        self.queries += seq.num_tokens if self.bm.enable_prefix_caching else 0
-        self.hits += reused
-        assert self.bm.num_free_blocks == free_before - sum(self.holders()[b] == 1 for b in seq.block_table)
-        # the match is the longest: the next block's prefix is in no named block
-        k = len(seq.block_table) + 1
-        if self.bm.enable_prefix_caching and k * bs <= seq.num_tokens - 1:
-            assert self.kv_entry(seq, k * bs - 1) not in self.named_prefixes()
-        # (that the reused blocks hold this sequence's prefix is the invariant kv_holds_each_prefix)
+        self.new_seq(list(range(1, num_prompt_tokens + 1)))
 
     @precondition(lambda self: self.idle())
     @rule(data=st.data(), n=st.integers(0, 40))
@@ -184,9 +155,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         parent = data.draw(st.sampled_from(self.idle()), label="parent")
         refs_before = {b: self.bm.blocks[b].ref_cnt for b in parent.block_table}
         free_before = self.bm.num_free_blocks
-        child = self.new_seq(parent.num_prompt_tokens)
+        child = self.new_seq(parent.prompt_token_ids)  # without a salt: fork passes the parent's on
         child.token_ids = list(parent.token_ids)
-        child.cache_salt = None  # fork gives the child its parent's salt
         self.bm.fork(parent, child)
         assert child.block_table == parent.block_table
         assert child.block_table is not parent.block_table
@@ -269,21 +239,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq in self.live:
             for p in range(seq.num_computed_tokens):
                 assert self.kv.get(self.bm.slot(seq, p)) == self.kv_entry(seq, p), (seq, p)
-
-    @invariant()
-    def cache_names_match_contents(self) -> None:
-        bm, bs = self.bm, self.bm.block_size
-        named = [block for block in bm.blocks if block.block_hash is not None]
-        assert bm.enable_prefix_caching or not named
-        assert sorted(b.block_id for b in bm.cached_blocks.values()) == sorted(b.block_id for b in named), \
-            "the map and the blocks' names disagree (or one block has two entries)"
-        for block_hash, block in bm.cached_blocks.items():
-            assert block.block_hash == block_hash
-            # a named block is full, and its name is the chain hash of the prefix it holds
-            salt, prefix = self.kv[block.block_id * bs + bs - 1]
-            assert len(prefix) % bs == 0
-            assert extend_block_hashes([], prefix, bs, len(prefix) // bs, salt)[-1] == block_hash
-        assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (self.queries, self.hits)
 
 
 TestBlockManagerStateful = BlockManagerMachine.TestCase

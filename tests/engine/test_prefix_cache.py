@@ -1,10 +1,11 @@
 """Prefix caching without a model: chained hashes, exact eviction order, stats, admission.
 
 The unit tests spell out the free queue and the hash map after every operation (as vLLM's
-tests do). The random workloads run the real Scheduler and BlockManager with a fake model
-that records, for every KV slot, the (salt, token prefix) whose K/V were written there; a
-sequence must read back its own prefix at every position it attends to, whether the blocks
-were computed by itself, reused from the cache, or shared.
+tests do). The random tests record, for every KV slot, the (salt, token prefix) whose K/V were
+written there; a sequence must read back its own prefix at every position it attends to,
+whether its blocks were computed by itself, reused from the cache, shared or copied. They run
+the block-manager state machine of test_block_manager.py with caching on, and the real
+Scheduler with a fake model.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import invariant, precondition, rule
 
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.prefix_cache import PrefixCacheStats, extend_block_hashes, hash_block
 from cupaged.engine.scheduler import Scheduler
 from cupaged.engine.sequence import Sequence
 from cupaged.sampling_params import SamplingParams
+from tests.engine.test_block_manager import BlockManagerMachine
 
 PARAMS = SamplingParams()
 
@@ -243,6 +246,60 @@ def test_admission_counts_free_cached_blocks_as_taken():
     assert batch.seqs == [seq] and batch.num_tokens == [4] and seq.block_table[:3] == [0, 1, 2]
     assert seq.num_computed_tokens == 12 and bm.num_free_blocks == 0
     assert bm.prefix_cache_stats() - before == PrefixCacheStats(20, 12)
+
+
+# --- the block-manager state machine, caching on ----------------------------------------------
+class PrefixCacheMachine(BlockManagerMachine):
+    """Every rule of BlockManagerMachine (whose compute names full blocks), plus `admit`:
+    a new sequence takes its cached prefix. Checks the names against what the blocks hold."""
+
+    CACHING = True
+
+    def __init__(self):
+        super().__init__()
+        self.queries = self.hits = 0
+
+    def named_prefixes(self) -> set[tuple]:
+        """What the blocks in the prefix cache hold, as the kv entry of their last slot."""
+        bs = self.bm.block_size
+        return {self.kv.get(block.block_id * bs + bs - 1) for block in self.bm.cached_blocks.values()}
+
+    @precondition(lambda self: len(self.live) < self.MAX_LIVE)
+    @rule(shared=st.integers(0, 40), tail=st.lists(st.integers(1, 2), max_size=12),
+          salt=st.sampled_from([None, "a"]))
+    def admit(self, shared: int, tail: list[int], salt: str | None) -> None:
+        """A new sequence (a prefix of 1, 2, 3... then a random tail) takes its cached prefix."""
+        seq = self.new_seq(list(range(1, shared + 1)) + tail or [1], salt)
+        bs, free_before = self.bm.block_size, self.bm.num_free_blocks
+        reused = self.bm.reuse_cached_prefix(seq)
+        assert reused == seq.num_computed_tokens == len(seq.block_table) * bs
+        assert reused <= seq.num_tokens - 1
+        self.queries += seq.num_tokens
+        self.hits += reused
+        assert self.bm.num_free_blocks == free_before - sum(self.holders()[b] == 1 for b in seq.block_table)
+        # the match is the longest: the next block's prefix is in no named block (and that the
+        # reused blocks hold this sequence's prefix is the invariant kv_holds_each_prefix)
+        k = len(seq.block_table) + 1
+        if k * bs <= seq.num_tokens - 1:
+            assert self.kv_entry(seq, k * bs - 1) not in self.named_prefixes()
+
+    @invariant()
+    def cache_names_match_contents(self) -> None:
+        bm, bs = self.bm, self.bm.block_size
+        named = [block for block in bm.blocks if block.block_hash is not None]
+        assert sorted(b.block_id for b in bm.cached_blocks.values()) == sorted(b.block_id for b in named), \
+            "the map and the blocks' names disagree (or one block has two entries)"
+        for block_hash, block in bm.cached_blocks.items():
+            assert block.block_hash == block_hash
+            # a named block is full, and its name is the chain hash of the prefix it holds
+            salt, prefix = self.kv[block.block_id * bs + bs - 1]
+            assert len(prefix) % bs == 0
+            assert extend_block_hashes([], prefix, bs, len(prefix) // bs, salt)[-1] == block_hash
+        assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (self.queries, self.hits)
+
+
+TestPrefixCacheStateful = PrefixCacheMachine.TestCase
+TestPrefixCacheStateful.settings = settings(max_examples=300, stateful_step_count=100, deadline=None)
 
 
 # --- random workloads through the scheduler ---------------------------------------------------
