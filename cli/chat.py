@@ -57,6 +57,7 @@ def _answer(llm, history: list[dict], params, verbose: bool) -> str | None:
         click.echo(f"error: {e}", err=True)
         return None
     start, first, n_tokens, text = time.perf_counter(), None, 0, ""
+    cache_before = llm.engine.prefix_cache_stats() if verbose else None
     stream = llm.stream_outputs(prompt, params)
     try:
         for out in stream:
@@ -69,6 +70,8 @@ def _answer(llm, history: list[dict], params, verbose: bool) -> str | None:
         click.echo(" [stopped]", nl=False)
     click.echo()
     _report(start, first, n_tokens, llm, verbose)
+    if verbose:
+        click.echo(click.style(prefix_cache_line(llm, cache_before), dim=True), err=True)
     return text
 
 
@@ -85,6 +88,14 @@ def _fit_prompt(llm, history: list[dict]) -> dict:
                 f"the message is {len(prompt['prompt_token_ids'])} tokens, over the context length {limit + 1}")
         del history[keep:keep + 2]
         click.echo("(context full: dropped the oldest turn)", err=True)
+
+
+def prefix_cache_line(llm, before) -> str:
+    """'prefix cache: 812/1024 prompt tokens reused (79%)' since the `before` snapshot."""
+    if not llm.engine.config.enable_prefix_caching:
+        return "prefix cache: off"
+    delta = llm.engine.prefix_cache_stats() - before
+    return f"prefix cache: {delta.hits}/{delta.queries} prompt tokens reused ({delta.hit_rate:.0%})"
 
 
 def _report(start: float, first: float | None, n_tokens: int, llm, verbose: bool) -> None:

@@ -52,7 +52,8 @@ def model_options(f):
                      help="Catalog name, local HF-layout directory, .gguf file, or pulled org/repo.")(f)
     f = click.option("--max-model-len", type=click.IntRange(min=2), default=None,
                      help="Context length (default: the model's).")(f)
-    f = click.option("--verbose", "-v", is_flag=True, help="Log engine details to stderr.")(f)
+    f = click.option("--verbose", "-v", is_flag=True,
+                     help="Log engine details to stderr, and prefix-cache reuse after each answer.")(f)
     return f
 
 
@@ -129,12 +130,16 @@ def generate(prompt, model, backend, max_model_len, kv_cache_memory, gpu_memory_
     llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype,
                    gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
     params = make_params(temperature, top_p, top_k, max_tokens, seed, stop=list(stop), n=n)
+    from cupaged.cli.chat import prefix_cache_line
     from cupaged.errors import CupagedError
+    cache_before = llm.engine.prefix_cache_stats()
     try:
         request = llm.chat_prompt([{"role": "user", "content": prompt}]) if use_chat else prompt
         out = llm.generate(request, params)[0]
     except CupagedError as e:
         _fail(e)
+    if verbose:
+        click.echo(prefix_cache_line(llm, cache_before), err=True)
     if as_json:
         click.echo(json.dumps({"prompt": prompt, "prompt_token_ids": out.prompt_token_ids, "outputs": [
             {"index": o.index, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}

@@ -23,6 +23,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9   # CUDA: share of device memory for weights, activations and KV
     enforce_eager: bool = False           # CUDA: never capture decode graphs
     seed: int | None = None               # for requests without their own seed
+    enable_prefix_caching: bool = True    # reuse the K/V of full blocks whose prefix was seen before
     progress: bool = True                 # progress bars when fetching/converting weights
     preemption_mode: str = "recompute"    # "recompute" | "swap": what a preempted sequence's KV becomes
     swap_space: float = 4                 # GiB of host memory for swapped-out KV blocks (mode "swap"); 0: none

@@ -20,16 +20,18 @@ class LLM:
     def __init__(self, model: str = EngineConfig.model, backend: str | Ops = "auto", **kwargs):
         """backend: "auto", "cpu", "cuda", or a ready `Ops` instance. kwargs are EngineConfig fields:
         dtype, block_size, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, max_model_len,
-        kv_cache_memory, gpu_memory_utilization, enforce_eager, seed, progress, preemption_mode ("recompute"
-        or "swap"), swap_space (GiB of host memory for swapped-out KV blocks)."""
+        kv_cache_memory, gpu_memory_utilization, enforce_eager, seed, progress, enable_prefix_caching
+        (default True), preemption_mode ("recompute" or "swap"), swap_space (GiB of host memory for
+        swapped-out KV blocks)."""
         ops = backend if isinstance(backend, Ops) else None
         config = EngineConfig(model=model, backend=ops.name if ops else backend, **kwargs)
         self.engine = LLMEngine(config, ops=ops)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 ) -> list[RequestOutput]:
-        """prompts: a string, token-id dict, or a list of them. Returns one RequestOutput each, in order."""
+                 cache_salt: str | None = None) -> list[RequestOutput]:
+        """prompts: a string, token-id dict, or a list of them. Returns one RequestOutput each, in order.
+        cache_salt: for prompts without their own "cache_salt"; different salts never share cached K/V."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -38,7 +40,7 @@ class LLM:
         ids = []
         try:
             for prompt, p in zip(prompts, params_list):
-                ids.append(self.engine.add_request(None, prompt, p))
+                ids.append(self.engine.add_request(None, prompt, p, cache_salt=cache_salt))
         except Exception:
             for rid in ids:  # a bad prompt refuses the whole call and leaves nothing queued
                 self.engine.abort(rid)

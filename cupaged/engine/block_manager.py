@@ -2,12 +2,19 @@
 
 Pure Python, no array imports. Blocks are created once at start-up. Free blocks sit in a
 doubly linked queue threaded through the blocks themselves, so allocate (pop the head),
-free (push the tail) and taking a block out of the middle (for prefix-cache reuse later)
+free (push the tail) and taking a block out of the middle (prefix-cache reuse)
 are all O(1) with no Python objects made per step.
 
 A sequence's `block_table` lists its physical block ids in order; token position p lives
 in slot `block_table[p // block_size] * block_size + p % block_size`. A block held by
 several sequences (ref_cnt > 1) is copied before anyone writes into it (copy-on-write).
+
+Prefix caching (optional): every full block of computed tokens is named by a chained hash
+(engine/prefix_cache.py) in `cached_blocks`. A freed block keeps its name while it sits in the
+free queue, so a later sequence with the same prefix takes it back instead of recomputing it;
+allocation evicts the name of the block it pops. The queue is LRU: blocks are pushed on the
+tail when freed (a sequence's last block first, so it is evicted before its earlier blocks)
+and allocation pops the head.
 
 Swap (preemption_mode "swap"): `swap_out` moves a sequence's table into the host pool
 (cupaged/engine/swap.py) and `swap_in` brings it back; both return the block copies the
@@ -16,6 +23,7 @@ and `seq.block_table` is empty.
 """
 from __future__ import annotations
 
+from cupaged.engine.prefix_cache import BlockHash, PrefixCacheStats, extend_block_hashes
 from cupaged.engine.sequence import Sequence
 from cupaged.engine.swap import HostBlockPool
 
@@ -26,7 +34,7 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: int | None = None
+        self.block_hash: BlockHash | None = None  # set while the block is in the prefix cache
         self.prev: Block | None = None
         self.next: Block | None = None
 
@@ -75,12 +83,17 @@ class FreeBlockQueue:
 class BlockManager:
     """Hands out KV blocks to sequences. All operations are O(blocks touched)."""
 
-    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
+                 enable_prefix_caching: bool = False):
         assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.host = HostBlockPool(num_host_blocks)  # the swap pool; empty unless preemption_mode is "swap"
+        self.enable_prefix_caching = enable_prefix_caching
+        self.cached_blocks: dict[BlockHash, Block] = {}  # prefix hash -> the one block named by it
+        self.prefix_cache_queries = 0  # tokens looked up at admission
+        self.prefix_cache_hits = 0     # tokens reused from the cache
 
     @property
     def num_blocks(self) -> int:
@@ -130,6 +143,9 @@ class BlockManager:
             self._incref(self.blocks[block_id])
         child.block_table = list(parent.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.cache_salt = parent.cache_salt
+        child.block_hashes = parent.block_hashes[:parent.num_computed_tokens // self.block_size]
+        child.num_cached_blocks = parent.num_cached_blocks
 
     def free(self, seq: Sequence) -> None:
         """Drop seq's hold on its blocks; blocks nobody holds go back to the pool."""
@@ -139,6 +155,7 @@ class BlockManager:
         for host_id in reversed(seq.host_block_table):  # a swapped-out sequence holds host blocks instead
             self.host.decref(host_id)
         seq.host_block_table = []
+        seq.num_cached_blocks = 0
 
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
@@ -206,6 +223,76 @@ class BlockManager:
             needed += 1
         return needed
 
+    # --- prefix cache ---------------------------------------------------------------------
+    def reuse_cached_prefix(self, seq: Sequence) -> int:
+        """Give seq (holding no blocks) the longest run of cached blocks matching its tokens,
+        leaving at least one token to compute. Sets its block table and num_computed_tokens,
+        counts the lookup, and returns the number of tokens reused."""
+        assert not seq.block_table, f"{seq} already holds blocks"
+        if not self.enable_prefix_caching:
+            return 0
+        blocks = self._find_cached_prefix(seq)
+        for block in blocks:
+            self._take_cached(block)
+        seq.block_table = [block.block_id for block in blocks]
+        seq.num_cached_blocks = len(blocks)
+        seq.num_computed_tokens = len(blocks) * self.block_size
+        self.prefix_cache_queries += seq.num_tokens
+        self.prefix_cache_hits += seq.num_computed_tokens
+        return seq.num_computed_tokens
+
+    def cancel_reuse(self, seq: Sequence) -> None:
+        """Undo reuse_cached_prefix for a sequence that could not be admitted after all:
+        its blocks go back (still cached) and the lookup is not counted."""
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries -= seq.num_tokens
+            self.prefix_cache_hits -= seq.num_computed_tokens
+        self.free(seq)
+        seq.num_computed_tokens = 0
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Name every block of seq that became full of computed tokens since the last call."""
+        num_full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= seq.num_cached_blocks:
+            return
+        hashes = extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, num_full, seq.cache_salt)
+        for i in range(seq.num_cached_blocks, num_full):
+            self._register(self.blocks[seq.block_table[i]], hashes[i])
+        seq.num_cached_blocks = num_full
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """A snapshot of the counters (tokens looked up, tokens reused, hit rate)."""
+        return PrefixCacheStats(self.prefix_cache_queries, self.prefix_cache_hits)
+
+    def _find_cached_prefix(self, seq: Sequence) -> list[Block]:
+        max_blocks = (seq.num_tokens - 1) // self.block_size  # at least one token left to compute
+        hashes = extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, max_blocks, seq.cache_salt)
+        found = []
+        for block_hash in hashes[:max_blocks]:
+            block = self.cached_blocks.get(block_hash)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def _take_cached(self, block: Block) -> None:
+        if block.ref_cnt == 0:
+            self.free_queue.remove(block)
+        block.ref_cnt += 1
+
+    def _register(self, block: Block, block_hash: BlockHash) -> None:
+        if block.block_hash is not None:  # shared with the sequence that named it
+            assert block.block_hash == block_hash, f"block {block.block_id} is cached under another prefix"
+            return
+        if block_hash not in self.cached_blocks:  # else another block already holds this prefix
+            block.block_hash = block_hash
+            self.cached_blocks[block_hash] = block
+
+    def _evict(self, block: Block) -> None:
+        owner = self.cached_blocks.pop(block.block_hash, None)
+        assert owner is block, f"block {block.block_id} is named by a hash that maps to {owner}"
+        block.block_hash = None
+
     # --- internals ----------------------------------------------------------------------
     def _first_write_is_shared(self, seq: Sequence, num_new_tokens: int) -> bool:
         index = seq.num_computed_tokens // self.block_size
@@ -216,6 +303,8 @@ class BlockManager:
     def _allocate(self) -> Block:
         block = self.free_queue.popleft()
         assert block.ref_cnt == 0, f"free block {block.block_id} has ref_cnt {block.ref_cnt}"
+        if block.block_hash is not None:
+            self._evict(block)
         block.ref_cnt = 1
         return block
 
@@ -226,7 +315,6 @@ class BlockManager:
     def _decref(self, block: Block) -> None:
         assert block.ref_cnt > 0, f"double free of block {block.block_id}"
         block.ref_cnt -= 1
-        if block.ref_cnt == 0:
-            block.block_hash = None
+        if block.ref_cnt == 0:  # a cached block keeps its name until it is evicted
             self.host.forget_device(block.block_id)
             self.free_queue.append(block)

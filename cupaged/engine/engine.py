@@ -23,6 +23,7 @@ from cupaged.config import EngineConfig
 from cupaged.engine.beam import BeamSearch, log_softmax
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner, profile_forward
+from cupaged.engine.prefix_cache import PrefixCacheStats
 from cupaged.engine.sampler import Sampler
 from cupaged.engine.scheduler import Scheduler
 from cupaged.engine.sequence import Sequence
@@ -63,7 +64,8 @@ class LLMEngine:
         self.model = LlamaModel(cfg, self.ops, load_model_weights(self.model_dir, cfg))
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         num_blocks, num_host_blocks = self._num_blocks(), self._num_host_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size, num_host_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size, num_host_blocks,
+                                          enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    preemption_mode=config.preemption_mode,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
@@ -112,8 +114,11 @@ class LLMEngine:
         return int(num_host_blocks)
 
     # --- requests -------------------------------------------------------------------------
-    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None) -> str:
-        """Queue a prompt (text, token ids, or {"prompt_token_ids": [...]}). Returns the request id."""
+    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
+                    cache_salt: str | None = None) -> str:
+        """Queue a prompt (text, token ids, or {"prompt": ..., "prompt_token_ids": [...], "cache_salt": ...}).
+        Requests with different cache salts (the dict's own, else `cache_salt`) never share cached
+        K/V blocks. Returns the request id."""
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
@@ -122,8 +127,10 @@ class LLMEngine:
             raise InvalidRequestError(f"n / best_of {params.best_of} is more sequences than max_num_seqs "
                                       f"{self.config.max_num_seqs} lets run at once")
         text, ids = self._tokenize(prompt)
+        salt = self._cache_salt(prompt, cache_salt)
         logger.debug("request %s: %d prompt tokens", request_id, len(ids))
-        seqs = [Sequence(request_id, ids, params, index=i) for i in range(1 if params.use_beam_search else params.n)]
+        seqs = [Sequence(request_id, ids, params, index=i, cache_salt=salt)
+                for i in range(1 if params.use_beam_search else params.n)]
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
                   for _ in seqs]
         req = self.requests[request_id] = Request(request_id, text, ids, seqs, detoks)
@@ -155,6 +162,14 @@ class LLMEngine:
                 f"(the prompt must leave room for at least one generated token)")
         return text, ids
 
+    @staticmethod
+    def _cache_salt(prompt, default: str | None) -> str | None:
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        salt = default if salt is None else salt
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise InvalidRequestError(f"cache_salt must be a non-empty string, got {salt!r}")
+        return salt
+
     def abort(self, request_id: str) -> None:
         """Stop a request now and free every block it holds (device or, if swapped out, host)."""
         req = self.requests.pop(str(request_id), None)
@@ -164,6 +179,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prefix-cache counters since start-up, in tokens: `.queries` (looked up at admission),
+        `.hits` (reused instead of computed) and `.hit_rate`. All zero when caching is off."""
+        return self.block_manager.prefix_cache_stats()
 
     # --- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -176,6 +196,7 @@ class LLMEngine:
         sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
         beams = [r for r, seq in enumerate(sampled) if seq.params.use_beam_search]
         draws = [r for r, seq in enumerate(sampled) if not seq.params.use_beam_search]
         moved = self._draw(logits, sampled, draws) + self._search(logits, sampled, beams)

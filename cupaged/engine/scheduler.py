@@ -2,7 +2,9 @@
 
 Each step the scheduler hands the runner one `ScheduledBatch`: how many tokens each
 sequence computes now. A decode is a sequence scheduled for 1 token, a prefill chunk is a
-sequence scheduled for N; there are no modes. The budget is spent in this order:
+sequence scheduled for N; there are no modes. A sequence being admitted first takes the
+cached blocks of its longest known prefix (prefix caching), so only the rest is scheduled.
+The budget is spent in this order:
 
 1. running sequences that decode (one uncomputed token), so streams keep flowing;
 2. running sequences still in prefill, a chunk each from what is left;
@@ -157,8 +159,8 @@ class Scheduler:
         seats = sum(seq.num_seats for seq in self.running)  # a prompt of n samples needs n places
         while self.waiting and budget > 0 and seats + self.waiting[0].num_seats <= self.max_num_seqs:
             seq = self.waiting[0]
-            n = self._admitted_tokens(seq, budget, first_prompt)
-            if n == 0 or not self.block_manager.can_append(seq, n):
+            n = self._admit(seq, budget, first_prompt)
+            if n is None:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -182,6 +184,17 @@ class Scheduler:
         while self.running and not (sum(s.num_seats for s in self.running) + head.num_seats <= self.max_num_seqs
                                     and self.block_manager.can_append(head, n)):
             self.preempt(self.running[-1])
+
+    def _admit(self, seq: Sequence, budget: int, first_prompt: bool) -> int | None:
+        """Reuse seq's cached prefix, then size its first chunk. None if it may not join now or the
+        blocks for that chunk are short; seq then holds nothing and waits (cached blocks count as
+        taken from the free pool, so admission never over-commits)."""
+        self.block_manager.reuse_cached_prefix(seq)
+        n = self._admitted_tokens(seq, budget, first_prompt)
+        if n and self.block_manager.can_append(seq, n):
+            return n
+        self.block_manager.cancel_reuse(seq)
+        return None
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
         batch.blocks_to_copy += self.block_manager.append_slots(seq, n)

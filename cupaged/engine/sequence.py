@@ -25,7 +25,8 @@ class Sequence:
     a whole prompt, a chunk of it, or the one token sampled last step.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, index: int = 0):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, index: int = 0,
+                 cache_salt: str | None = None):
         self.seq_id = next(_seq_counter)
         self.request_id = request_id
         self.index = index                    # which of the request's n outputs
@@ -41,6 +42,10 @@ class Sequence:
         self.logprobs: list[dict[int, float]] = []
         self.cumulative_logprob = 0.0         # sum of the chosen tokens' log-probabilities, where known
         self.num_preemptions = 0
+        # prefix cache: requests with different salts never share blocks
+        self.cache_salt = cache_salt
+        self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids, lazily
+        self.num_cached_blocks = 0  # leading blocks of block_table already in the prefix cache
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, tokens={self.num_tokens}, "

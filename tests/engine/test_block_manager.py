@@ -2,7 +2,10 @@
 
 The stateful test drives a BlockManager through long random runs of create / append /
 compute / fork / write-into-shared / free and checks every invariant after each step
-against a naive model (ref counts recounted from the live block tables).
+against naive models: ref counts recounted from the live block tables, and what every KV
+slot holds (the salt and token prefix whose last token was written there), so a shared or
+copied block that holds the wrong prefix is caught. tests/engine/test_prefix_cache.py runs
+the same machine with prefix caching on and an `admit` rule that reuses cached blocks.
 """
 from __future__ import annotations
 
@@ -42,13 +45,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
     """
 
     MAX_LIVE = 10
+    CACHING = False
 
     @initialize(num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 3, 4, 8, 16]))
     def setup(self, num_blocks: int, block_size: int) -> None:
-        self.bm = BlockManager(num_blocks, block_size)
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=self.CACHING)
         self.live: list[Sequence] = []
         self.pending: dict[int, int] = {}  # seq_id -> tokens slotted, not yet computed
         self.num_created = 0
+        self.kv: dict[int, tuple] = {}  # slot -> (salt, token prefix) whose K/V it holds
 
     # --- helpers ---------------------------------------------------------------------------
     def holders(self) -> Counter:
@@ -75,8 +80,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
         shared = n > 0 and index < len(seq.block_table) and self.holders()[seq.block_table[index]] > 1
         return grow + int(shared)
 
-    def new_seq(self, num_prompt_tokens: int) -> Sequence:
-        seq = make_seq(num_prompt_tokens, f"r{self.num_created}")
+    def kv_entry(self, seq: Sequence, position: int) -> tuple:
+        return seq.cache_salt, tuple(seq.token_ids[:position + 1])
+
+    def new_seq(self, token_ids: list[int], salt: str | None = None) -> Sequence:
+        seq = Sequence(f"r{self.num_created}", token_ids, PARAMS, cache_salt=salt)
         self.num_created += 1
         self.live.append(seq)
         self.pending[seq.seq_id] = 0
@@ -97,6 +105,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert needed <= free_before
         holders_before = self.holders()
         copies = bm.append_slots(seq, n)
+        for src, dst in copies:  # the copy runs before the step
+            for i in range(bm.block_size):
+                self.kv[dst * bm.block_size + i] = self.kv.get(src * bm.block_size + i)
         assert bm.num_free_blocks == free_before - needed
         index = seq.num_computed_tokens // bm.block_size
         # untouched prefix, appended tail
@@ -116,7 +127,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.live) < self.MAX_LIVE)
     @rule(num_prompt_tokens=st.integers(1, 64))
     def create(self, num_prompt_tokens: int) -> None:
-        self.new_seq(num_prompt_tokens)
+        self.new_seq(list(range(1, num_prompt_tokens + 1)))
 
     @precondition(lambda self: self.idle())
     @rule(data=st.data(), n=st.integers(0, 40))
@@ -129,10 +140,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def compute(self, data) -> None:
         busy = [seq for seq in self.live if self.pending[seq.seq_id]]
         seq = data.draw(st.sampled_from(busy), label="seq")
+        start = seq.num_computed_tokens
         seq.num_computed_tokens += self.pending[seq.seq_id]
         self.pending[seq.seq_id] = 0
         while seq.num_tokens <= seq.num_computed_tokens:  # the step sampled a token
             seq.append_token(7)
+        for p in range(start, seq.num_computed_tokens):
+            self.kv[self.bm.slot(seq, p)] = self.kv_entry(seq, p)
+        self.bm.cache_full_blocks(seq)
 
     @precondition(lambda self: self.idle() and len(self.live) < self.MAX_LIVE)
     @rule(data=st.data())
@@ -140,7 +155,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         parent = data.draw(st.sampled_from(self.idle()), label="parent")
         refs_before = {b: self.bm.blocks[b].ref_cnt for b in parent.block_table}
         free_before = self.bm.num_free_blocks
-        child = self.new_seq(parent.num_prompt_tokens)
+        child = self.new_seq(parent.prompt_token_ids)  # without a salt: fork passes the parent's on
         child.token_ids = list(parent.token_ids)
         self.bm.fork(parent, child)
         assert child.block_table == parent.block_table
@@ -149,6 +164,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert self.bm.num_free_blocks == free_before
         for b, ref in refs_before.items():
             assert self.bm.blocks[b].ref_cnt == ref + 1
+        assert child.cache_salt == parent.cache_salt
 
     @precondition(lambda self: self.shared_writers())
     @rule(data=st.data(), n=st.integers(1, 20))
@@ -215,6 +231,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert len(seq.block_table) * bs >= covered
             assert len(seq.block_table) == cdiv(covered, bs), "table holds more blocks than it needs"
             assert len(set(seq.block_table)) == len(seq.block_table)
+
+
+    @invariant()
+    def kv_holds_each_prefix(self) -> None:
+        """Every computed position of every live sequence reads back its own salt and prefix."""
+        for seq in self.live:
+            for p in range(seq.num_computed_tokens):
+                assert self.kv.get(self.bm.slot(seq, p)) == self.kv_entry(seq, p), (seq, p)
 
 
 TestBlockManagerStateful = BlockManagerMachine.TestCase

@@ -74,7 +74,7 @@ def assert_no_refs(llm: LLM) -> None:
 def test_samples_share_one_prefill_and_equal_each_sample_alone(smol_llm, spy, params):
     engine, bs = smol_llm.engine, smol_llm.engine.block_manager.block_size
     prompt = random_prompts([45], seed=20)[0]["prompt_token_ids"]  # 2 full blocks + a shared partial one
-    engine.add_request("n", {"prompt_token_ids": prompt}, params)
+    engine.add_request("n", {"prompt_token_ids": prompt}, params, cache_salt=f"cold-{params.seed}")  # no cache hit
     full, outs = 45 // bs, []
     while engine.has_unfinished_requests():
         outs += engine.step()
