@@ -39,10 +39,30 @@ class Sampler:
     def sample(self, logits, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [B, V] (a backend array, or a host array), one row per sequence ->
         (token ids [B], logprobs per row or None)."""
-        if self.ops is not None and not any(needs_host(seq.params) for seq in seqs):
+        if self.ops is None:
+            return self.sample_on_host(np.asarray(logits, dtype=np.float32), seqs)
+        on_host = [i for i, seq in enumerate(seqs) if needs_host(seq.params)]
+        if not on_host:
             return self.sample_on_device(logits, seqs), [None] * len(seqs)
-        host = self.ops.to_numpy(logits) if self.ops is not None else logits
-        return self.sample_on_host(np.asarray(host, dtype=np.float32), seqs)
+        if len(on_host) == len(seqs):
+            return self.sample_on_host(np.asarray(self.ops.to_numpy(logits), dtype=np.float32), seqs)
+        # A mixed batch: each row takes its own path, so a seeded request draws the same tokens
+        # whatever else is in the batch.
+        on_device = [i for i in range(len(seqs)) if i not in set(on_host)]
+        tokens: list[int] = [0] * len(seqs)
+        logprobs: list[dict[int, float] | None] = [None] * len(seqs)
+        device_tokens = self.sample_on_device(self._rows(logits, on_device), [seqs[i] for i in on_device])
+        host_rows = np.asarray(self.ops.to_numpy(self._rows(logits, on_host)), dtype=np.float32)
+        host_tokens, host_logprobs = self.sample_on_host(host_rows, [seqs[i] for i in on_host])
+        for i, token in zip(on_device, device_tokens):
+            tokens[i] = token
+        for i, token, lp in zip(on_host, host_tokens, host_logprobs):
+            tokens[i], logprobs[i] = token, lp
+        return tokens, logprobs
+
+    def _rows(self, logits, rows: list[int]):
+        """logits[rows] on the backend (one small upload of the row indices)."""
+        return logits[self.ops.upload(np.asarray(rows, dtype=np.int32))]
 
     def sample_on_device(self, logits, seqs: list[Sequence]) -> list[int]:
         """The fast path: per-row parameters and uniforms from the host, `ops.sample` on the backend,

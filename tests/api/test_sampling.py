@@ -35,6 +35,16 @@ def test_seed_reproduces_alone_and_in_a_batch(smol_llm):
         [SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True),  # unseeded: draws from the engine rng
          seeded, SamplingParams(temperature=1.0, seed=99, max_tokens=8, ignore_eos=True), greedy(8)])
     assert batch[1].outputs[0].token_ids == alone, "a seeded request must not depend on its batch"
+    # A batch mate that needs the host path (log-probabilities, a penalty) must not move it off its own.
+    mixed = smol_llm.generate(
+        [PROMPT, "Once upon a time", PROMPT],
+        [seeded, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, logprobs=2),
+         SamplingParams(temperature=0.8, repetition_penalty=1.3, seed=5, max_tokens=8, ignore_eos=True)])
+    assert mixed[0].outputs[0].token_ids == alone, "a host-path batch mate changed a seeded request"
+    assert mixed[1].outputs[0].logprobs is not None and len(mixed[1].outputs[0].logprobs) == 8
+    penalized = smol_llm.generate(PROMPT, SamplingParams(temperature=0.8, repetition_penalty=1.3, seed=5,
+                                                         max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
+    assert mixed[2].outputs[0].token_ids == penalized
 
 
 def test_different_seeds_differ(smol_llm):
