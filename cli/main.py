@@ -39,6 +39,13 @@ def parse_memory(text: str) -> float | None:
 def model_options(f):
     f = click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
                      show_default=True, help="Compute dtype: auto is float32 on the CPU, float16 on CUDA.")(f)
+    f = click.option("--swap-space", type=click.FloatRange(min=0), default=4, show_default=True,
+                     help="GiB of host memory for swapped-out KV blocks (with --preemption-mode swap).")(f)
+    f = click.option("--preemption-mode", type=click.Choice(["recompute", "swap"]), default="recompute",
+                     show_default=True, help="When KV blocks run out: recompute the newest request later, or "
+                     "swap its blocks to host memory.")(f)
+    f = click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True,
+                     help="Reuse the KV blocks of prompt prefixes seen before.")(f)
     f = click.option("--enforce-eager", is_flag=True, help="CUDA: do not capture decode steps as CUDA graphs.")(f)
     f = click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=0.9,
                      show_default=True, help="CUDA: share of GPU memory for weights, activations and the KV "
@@ -99,8 +106,8 @@ def main() -> None:
 @model_options
 @sampling_options
 @click.option("--system", "-s", default=None, help="System prompt for the conversation.")
-def chat(model, backend, max_model_len, kv_cache_memory, gpu_memory_utilization, enforce_eager, dtype, verbose,
-         temperature, top_p, top_k, max_tokens, seed, system):
+def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, temperature, top_p, top_k, max_tokens, seed,
+         system, **engine):
     """Chat with a model, streaming its answers.
 
     Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) leaves.
@@ -109,8 +116,7 @@ def chat(model, backend, max_model_len, kv_cache_memory, gpu_memory_utilization,
     """
     from cupaged.cli.chat import run_chat  # imported here to keep `--help` fast
     _setup_logging(verbose)
-    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype,
-                   gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype, **engine)
     params = make_params(temperature, top_p, top_k, max_tokens, seed)
     run_chat(llm, params, system, verbose)
 
@@ -123,12 +129,11 @@ def chat(model, backend, max_model_len, kv_cache_memory, gpu_memory_utilization,
 @click.option("--stop", multiple=True, help="Stop string (repeatable); it is not included in the output.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of completions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def generate(prompt, model, backend, max_model_len, kv_cache_memory, gpu_memory_utilization, enforce_eager, dtype,
-             verbose, temperature, top_p, top_k, max_tokens, seed, use_chat, stop, n, as_json):
+def generate(prompt, model, backend, max_model_len, kv_cache_memory, dtype, verbose, temperature, top_p, top_k,
+             max_tokens, seed, use_chat, stop, n, as_json, **engine):
     """Generate a completion for PROMPT once and print it."""
     _setup_logging(verbose)
-    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype,
-                   gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+    llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype, **engine)
     params = make_params(temperature, top_p, top_k, max_tokens, seed, stop=list(stop), n=n)
     from cupaged.cli.chat import prefix_cache_line
     from cupaged.errors import CupagedError

@@ -99,3 +99,35 @@ def test_half_precision_on_the_cpu_is_refused_by_name(runner, smollm2_dir):
     result = runner.invoke(main, ["generate", "hi", "--model", str(smollm2_dir), "--backend", "cpu",
                                   "--dtype", "float16"])
     assert result.exit_code == 1 and "float32" in result.output
+
+
+def test_engine_options_reach_the_engine(runner, smollm2_dir, smol_llm, monkeypatch):
+    """--preemption-mode/--swap-space/--no-enable-prefix-caching/--enforce-eager land in EngineConfig, and
+    three samples in a 4-block pool (each needs 2) still answer as the API does, swapping."""
+    import cupaged.llm
+    seen = {}
+    real = cupaged.llm.LLMEngine
+
+    def spy(config, ops=None):
+        seen.update(vars(config))
+        seen["engine"] = real(config, ops)
+        return seen["engine"]
+
+    monkeypatch.setattr(cupaged.llm, "LLMEngine", spy)
+    args = ["generate", "The capital of France is", "--model", str(smollm2_dir), *GREEDY, "--max-tokens", "20",
+            "--json", "--n", "3",
+            "--preemption-mode", "swap", "--swap-space", "0.05", "--no-enable-prefix-caching", "--enforce-eager",
+            "--max-model-len", "64", "--kv-cache-memory", str(4 * 16 * 2 * 30 * 3 * 64 * 4)]  # 4 blocks of 16
+
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (seen["preemption_mode"], seen["swap_space"], seen["enable_prefix_caching"], seen["enforce_eager"]) \
+        == ("swap", 0.05, False, True)
+    assert seen["engine"].scheduler.num_swap_outs > 0
+    ref = smol_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=20, n=3))[0]
+    assert [o["token_ids"] for o in json.loads(result.stdout)["outputs"]] == [o.token_ids for o in ref.outputs]
+
+
+def test_bad_preemption_mode_is_refused(runner):
+    result = runner.invoke(main, ["generate", "hi", "--preemption-mode", "drop"])
+    assert result.exit_code != 0 and "preemption-mode" in result.output
