@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cupaged.backend.kernels import CupyDevice, Device, launch
+from cupaged.backend.cupy_device import CupyDevice
+from cupaged.backend.kernels import Device, launch
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 
 logger = logging.getLogger(__name__)

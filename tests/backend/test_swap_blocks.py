@@ -33,7 +33,7 @@ def make_ops(kind: str):
     from tests.emu.gpu import gpu_skip_reason
     if (why := gpu_skip_reason()) is not None:
         pytest.skip(f"gpu: {why}")
-    from cupaged.backend.kernels import CupyDevice
+    from cupaged.backend.cupy_device import CupyDevice
     return CudaOps(CupyDevice(), dtype=dtype)
 
 
