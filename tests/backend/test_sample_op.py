@@ -258,7 +258,7 @@ def test_engine_takes_fast_path_unless_host_features(smol_llm, monkeypatch):
         calls.update(device=0, host=0)
         smol_llm.generate([prompt, prompt], [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
                                              SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True, **kw)])
-        assert calls["device"] == 0 and calls["host"] >= 3, kw
+        assert calls["device"] >= 3 and calls["host"] >= 3, kw  # each row on its own path (batch invariance)
 
     # Greedy tokens are the same as on the host path (the sampler before the fast path).
     monkeypatch.setattr(sampler, "ops", None)
