@@ -1,6 +1,7 @@
 // Helpers shared by the kernels in cuda/: conversions between the storage dtypes and fp32, and
 // a packed vector of N elements for 16-byte loads and stores. Included with a local
-// #include "common.cuh"; NVRTC gets the folder with -I, the emulator and nvcc find it beside the file.
+// #include "common.cuh"; the CUDA backend splices it into the source it gives NVRTC (so it is part of
+// CuPy's cache key), the emulator and nvcc find it beside the file.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

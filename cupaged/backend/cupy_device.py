@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 from typing import Any
 
 import numpy as np
@@ -27,9 +28,22 @@ CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the (un
 
 @functools.cache
 def _raw_module(file: str, options: tuple[str, ...]):
-    """One RawModule per .cu; -I its folder, so a local #include "common.cuh" resolves under NVRTC."""
+    """One RawModule per .cu, with its local headers spliced in (`inline_headers`)."""
     import cupy
-    return cupy.RawModule(code=source_text(file), options=(*options, f"-I{source_path(file).parent}"))
+    return cupy.RawModule(code=inline_headers(file), options=options)
+
+
+def inline_headers(file: str) -> str:
+    """The source of cuda/<file> with each `#include "x.cuh"` of a header beside it replaced by that
+    header's text. CuPy's on-disk kernel cache keys on the source string only, so a header reached
+    through -I could change without invalidating the cached cubin; spliced in, it is part of the key."""
+    def splice(line: str) -> str:
+        m = re.match(r'\s*#\s*include\s+"([^"]+)"', line)
+        if m and (source_path(file).parent / m.group(1)).is_file():
+            return f"// ---- {m.group(1)} (inlined)\n{source_text(m.group(1))}\n// ---- end of {m.group(1)}"
+        return line
+
+    return "\n".join(splice(line) for line in source_text(file).split("\n"))
 
 
 def _find_cublas() -> ctypes.CDLL:
@@ -127,6 +141,7 @@ class CupyDevice(Device):
         self._next_staging = 0
         self._capture_stream = None
         self._graph_pool = None
+        self._graph_memory: list = []  # every allocation of the graph pool, kept alive
 
         self._copy_stream = None  # made on the first swap
 
@@ -184,8 +199,10 @@ class CupyDevice(Device):
         import cupy
 
         if self._capture_stream is None:
-            self._capture_stream = cupy.cuda.Stream()  # a blocking stream: ordered with the default stream
-            self._graph_pool = cupy.cuda.MemoryPool()
+            # Non-blocking: a capturing blocking stream would make the legacy default stream unusable.
+            # Ordering is explicit instead: both streams are synchronized around the warm-up.
+            self._capture_stream = cupy.cuda.Stream(non_blocking=True)
+            self._graph_pool = cupy.cuda.MemoryPool(self._graph_malloc)
         stream = self._capture_stream
         cupy.cuda.get_current_stream().synchronize()
         with stream, cupy.cuda.using_allocator(self._graph_pool.malloc):
@@ -194,13 +211,28 @@ class CupyDevice(Device):
             stream.begin_capture()
             try:
                 output = fn()
-            finally:
-                graph = stream.end_capture()
+            except BaseException:
+                try:
+                    stream.end_capture()  # end the broken capture; the error that broke it is the one raised
+                except Exception:
+                    pass
+                raise
+            graph = stream.end_capture()
         return CupyGraph(graph, output)
+
+    def _graph_malloc(self, nbytes: int):
+        """The graph pool's allocator: device memory that is never freed. CuPy's pool frees its cached
+        blocks when an allocation fails; those blocks are intermediates baked into captured graphs, so
+        they must stay ours for the life of the device."""
+        import cupy
+
+        mem = cupy.cuda.Memory(nbytes)
+        self._graph_memory.append(mem)
+        return cupy.cuda.MemoryPointer(mem, 0)
 
     @property
     def graph_pool_bytes(self) -> int:
-        return self._graph_pool.total_bytes() if self._graph_pool is not None else 0
+        return sum(mem.size for mem in self._graph_memory)
 
     def memory_info(self) -> tuple[int, int]:
         import cupy

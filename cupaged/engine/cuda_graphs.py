@@ -89,9 +89,16 @@ class DecodeGraphs:
     def _capture_all(self, forward) -> None:
         start = time.perf_counter()
         self._fill(None, self.sizes[-1])  # an all-padding step: captures write no KV and read none
+        self.ops.upload(self.host, out=self.static)
         for size in reversed(self.sizes):  # largest first, as the graph memory pool then only shrinks
             ids, meta = self._views(size)
-            graph = self.ops.capture_graph(lambda ids=ids, meta=meta: forward(ids, meta))
+            try:
+                graph = self.ops.capture_graph(lambda ids=ids, meta=meta: forward(ids, meta))
+            except MemoryError as e:  # CuPy's OutOfMemoryError: the KV pool left too little room
+                logger.warning("not enough device memory to capture the decode graph of batch %d (%s): decode "
+                               "steps run eagerly; lower gpu_memory_utilization to keep graphs", size, e)
+                self.graphs.clear()
+                return
             if graph is None:
                 logger.info("the %s backend cannot capture graphs: decode steps run eagerly", self.ops.name)
                 self.graphs.clear()
