@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cupaged.backend.cuda import CudaOps
+from cupaged.cli import bench_kernel_cases as bkc
 from cupaged.cli import bench_kernels as bk
 from cupaged.cli.main import main
 
@@ -90,13 +91,13 @@ def test_report_is_json_and_a_table(emu_report):
 
 def test_paged_tables_scatter_and_contiguous_ones_are_in_order():
     ops = CudaOps(EmuDevice(), "float16", partition_size=64)
-    inputs = bk.Inputs(ops, seed=0)
+    inputs = bkc.Inputs(ops, seed=0)
     tables = np.arange(12).reshape(3, 4)
-    meta = bk.ops_meta(inputs, tables=tables, seq_lens=np.array([64, 50, 1]), bs=16, rows=np.arange(3))
+    meta = bkc.ops_meta(inputs, tables=tables, seq_lens=np.array([64, 50, 1]), bs=16, rows=np.arange(3))
     assert meta.max_query_len == 1 and meta.max_seq_len == 64
     assert meta.slot_mapping.tolist() == [3 * 16 + 15, 7 * 16 + 1, 8 * 16]
     assert meta.query_start_loc.tolist() == [0, 1, 2, 3] and meta.block_tables.dtype == np.int32
-    assert bk.copies_for(10, 0) == 1 and bk.copies_for(100, 100) == 2 and bk.copies_for(1, 10**9) == 64
+    assert bkc.copies_for(10, 0) == 1 and bkc.copies_for(100, 100) == 2 and bkc.copies_for(1, 10**9) == 64
 
 
 def test_peak_is_known_only_for_named_cards():
