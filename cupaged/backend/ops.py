@@ -79,6 +79,11 @@ class Ops(ABC):
         (a backend array of the same dtype and size) when given, else into a new array. On CUDA the
         copy goes through pinned staging and is asynchronous on the current stream."""
 
+    def take_rows(self, x: Array, rows: Any) -> Array:
+        """x[rows] for host row indices `rows` (one small upload of the indices): x [N, ...] -> [len(rows), ...]."""
+        import numpy as np
+        return x[self.upload(np.asarray(rows, dtype=np.int32))]
+
     # --- whole-step services ----------------------------------------------------------
     @abstractmethod
     def capture_graph(self, fn: Callable[[], Array]) -> Any:

@@ -15,7 +15,8 @@ own length exit at once), and block tables are [P, MB] with MB = ceil(max_model_
 The persistent buffer, segment by segment (int32), each sized for the largest graph Pmax:
     input_ids [Pmax] | positions [Pmax] | slot_mapping [Pmax] | seq_lens [Pmax] |
     logits_indices [Pmax] | query_start_loc [Pmax + 1] | block_tables [Pmax, MB]
-A graph of size P reads the first P (P + 1; P rows) of each segment.
+A graph of size P reads the first P (P + 1; P rows) of each segment, so a step uploads only the
+buffer's prefix up to its P rows of block tables.
 """
 from __future__ import annotations
 
@@ -121,12 +122,13 @@ class DecodeGraphs:
         b = step.seq_lens.shape[0]
         size = next(s for s in self.sizes if s >= b)
         self._fill(step, size)
-        self.ops.upload(self.host, out=self.static)
+        n = self.segments["block_tables"][0] + size * self.mb  # block tables come last: a prefix holds it all
+        self.ops.upload(self.host[:n], out=self.static[:n])
         logits = self.graphs[size].replay()
         rows = step.logits_indices
         if rows.shape[0] == b and (rows == np.arange(b)).all():  # every sequence samples: the usual case
             return logits[:b]
-        return logits[self.ops.upload(rows)]  # a 1-token prefill chunk that does not sample yet
+        return self.ops.take_rows(logits, rows)  # a 1-token prefill chunk that does not sample yet
 
     def _fill(self, step: StepInputs | None, size: int) -> None:
         """Write the step's rows, then padding up to `size`, into the host staging buffer."""

@@ -16,7 +16,6 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 
 from cupaged.backend import Ops, get_ops
 from cupaged.config import EngineConfig
@@ -213,7 +212,7 @@ class LLMEngine:
         if not seqs:
             return []
         if picks != list(range(len(sampled))):
-            logits = logits[self.ops.asarray(np.array(picks, dtype=np.int32))]  # [len(seqs), V]
+            logits = self.ops.take_rows(logits, picks)  # [len(seqs), V]
         tokens, logprobs = self.sampler.sample(logits, seqs)
         for seq, token, lp in zip(seqs, tokens, logprobs):
             self._append(seq, token, lp)
@@ -235,7 +234,7 @@ class LLMEngine:
         all have theirs. Returns the requests whose search ended."""
         if not rows:
             return []
-        host = self.ops.to_numpy(logits[self.ops.asarray(np.array(rows, dtype=np.int32))])
+        host = self.ops.to_numpy(self.ops.take_rows(logits, rows))
         logprobs = log_softmax(host)  # [len(rows), V] float64
         reqs = {}
         for row, r in enumerate(rows):

@@ -48,21 +48,18 @@ class Sampler:
             return self.sample_on_host(np.asarray(self.ops.to_numpy(logits), dtype=np.float32), seqs)
         # A mixed batch: each row takes its own path, so a seeded request draws the same tokens
         # whatever else is in the batch.
-        on_device = [i for i in range(len(seqs)) if i not in set(on_host)]
+        host_set = set(on_host)
+        on_device = [i for i in range(len(seqs)) if i not in host_set]
         tokens: list[int] = [0] * len(seqs)
         logprobs: list[dict[int, float] | None] = [None] * len(seqs)
-        device_tokens = self.sample_on_device(self._rows(logits, on_device), [seqs[i] for i in on_device])
-        host_rows = np.asarray(self.ops.to_numpy(self._rows(logits, on_host)), dtype=np.float32)
+        device_tokens = self.sample_on_device(self.ops.take_rows(logits, on_device), [seqs[i] for i in on_device])
+        host_rows = np.asarray(self.ops.to_numpy(self.ops.take_rows(logits, on_host)), dtype=np.float32)
         host_tokens, host_logprobs = self.sample_on_host(host_rows, [seqs[i] for i in on_host])
         for i, token in zip(on_device, device_tokens):
             tokens[i] = token
         for i, token, lp in zip(on_host, host_tokens, host_logprobs):
             tokens[i], logprobs[i] = token, lp
         return tokens, logprobs
-
-    def _rows(self, logits, rows: list[int]):
-        """logits[rows] on the backend (one small upload of the row indices)."""
-        return logits[self.ops.upload(np.asarray(rows, dtype=np.int32))]
 
     def sample_on_device(self, logits, seqs: list[Sequence]) -> list[int]:
         """The fast path: per-row parameters and uniforms from the host, `ops.sample` on the backend,

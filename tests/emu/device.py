@@ -71,8 +71,9 @@ class EmuDevice(Device):
         return EmuGraph(self, fn) if self.graphs else None
 
     def upload(self, host, out=None):
-        if out is not None and not any(out is buf for buf in self.persistent):
-            self.persistent.append(out)  # a buffer uploaded into is a graph's static input
+        whole = out if out is None or out.base is None else out.base  # a slice registers its buffer
+        if whole is not None and not any(whole is buf for buf in self.persistent):
+            self.persistent.append(whole)  # a buffer uploaded into is a graph's static input
         return super().upload(host, out)
 
     @staticmethod
