@@ -151,3 +151,10 @@ def test_kv_cache_too_small_for_one_sequence(smollm2_dir):
     llm = LLM(model=str(smollm2_dir), backend="cpu", kv_cache_memory=16 * BLOCK_BYTES, max_model_len=256,
               progress=False)
     assert llm.engine.block_manager.num_blocks == 16
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5])
+def test_gpu_memory_utilization_outside_its_range(value):
+    from cupaged.config import EngineConfig
+    with pytest.raises(InvalidRequestError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
+        EngineConfig(gpu_memory_utilization=value)
