@@ -1,9 +1,10 @@
-"""Where one decode step's time goes, op by op, on the CPU backend.
+"""Where a prefill step's and a decode step's time go, op by op, on the CPU backend.
 
     python benchmarks/decode_breakdown.py --batch 16 --steps 40
 
-Submits `batch` synthetic requests (prompts 64-256 tokens, seed 0), runs the prefill, then times
-`steps` decode steps with a timer around every backend op (no profiler overhead beyond that).
+Warms every kernel up with one short request, submits `batch` synthetic requests (prompts 64-256
+tokens, seed 0), times the first step (their prefill, up to max_num_batched_tokens tokens), then
+`steps` decode steps, with a timer around every backend op (no profiler overhead beyond that).
 """
 from __future__ import annotations
 
@@ -44,20 +45,32 @@ def main() -> None:
     instrument(totals)
     engine = LLMEngine(EngineConfig(model=args.model, backend="cpu", max_num_seqs=args.batch, progress=False,
                                     kv_cache_memory=512 * 2**20))
-    for i, (ids, _) in enumerate(synthetic_workload(args.batch, (64, 256), (1, 1), engine.model_config.vocab_size)):
+    engine.add_request("warm-up", {"prompt_token_ids": [1] * 40}, SamplingParams(temperature=0, max_tokens=3))
+    while engine.has_unfinished_requests():
+        engine.step()
+    work = synthetic_workload(args.batch, (64, 256), (1, 1), engine.model_config.vocab_size)
+    first = min(sum(len(ids) for ids, _ in work), engine.config.max_num_batched_tokens)
+    for i, (ids, _) in enumerate(work):
         engine.add_request(f"r{i}", {"prompt_token_ids": ids},
                            SamplingParams(temperature=0, max_tokens=args.steps + 2, ignore_eos=True))
-    engine.step()  # the prefill
-    engine.step()  # one warm decode
     totals.clear()
+    report(f"prefill step of {first} tokens", totals, 1, engine.step)
+    engine.step()  # whatever of the prompts the first step left, or one decode
+    totals.clear()
+    report(f"decode step at batch {args.batch}", totals, args.steps, engine.step)
+
+
+def report(what: str, totals: collections.Counter, steps: int, step) -> None:
+    """Run step() `steps` times; print the mean step time and each op's share of it."""
     start = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-    step_ms = (time.perf_counter() - start) / args.steps * 1e3
-    print(f"decode step at batch {args.batch} on {machine_name()}: {step_ms:.1f} ms")
+    for _ in range(steps):
+        step()
+    step_ms = (time.perf_counter() - start) / steps * 1e3
+    print(f"{what} on {machine_name()}: {step_ms:.1f} ms")
     for name, seconds in totals.most_common():
-        print(f"  {name:20s} {seconds / args.steps * 1e3:7.2f} ms")
-    print(f"  {'other':20s} {step_ms - sum(totals.values()) / args.steps * 1e3:7.2f} ms")
+        print(f"  {name:20s} {seconds / steps * 1e3:7.2f} ms")
+    print(f"  {'other':20s} {step_ms - sum(totals.values()) / steps * 1e3:7.2f} ms")
+    totals.clear()
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ from typing import Any, Callable
 import numpy as np
 
 from cupaged.backend import cpu_kernels as K
+from cupaged.backend.cpu_gemm import skinny_matmul
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 
 _I32 = np.int32
+SKINNY_ROWS = 64  # linear() rows up to which skinny_matmul beats BLAS (benchmarks/gemm_rows.py)
 
 
 def _i32(x: Array) -> np.ndarray:
@@ -76,8 +78,13 @@ class CpuOps(Ops):
 
     def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
         """x [T, K] @ weight [N, K].T (+ bias [N]) -> [T, N]. weight.T is a view, so BLAS
-        reads the stored weight with a transpose flag and no per-call copy is made."""
-        out = np.matmul(x, weight.T)
+        reads the stored weight with a transpose flag and no per-call copy is made. Up to
+        SKINNY_ROWS rows (decode steps) take `cpu_gemm.skinny_matmul` instead."""
+        if x.shape[0] <= SKINNY_ROWS and weight.dtype == np.float32:
+            out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+            skinny_matmul(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight), out)
+        else:
+            out = np.matmul(x, weight.T)
         if bias is not None:
             out += bias
         return out

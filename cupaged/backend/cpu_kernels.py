@@ -27,11 +27,14 @@ import numba
 import numpy as np
 
 # fastmath without nnan/ninf: the online softmax starts its running max at -inf.
-# Numba's OpenMP layer keeps its threads spinning after a parallel region, where they fight
-# OpenBLAS's threads for the same 2 cores (measured: 40 vs 86 output tok/s at 16 concurrent
-# requests). The workqueue layer parks them instead. NUMBA_THREADING_LAYER still overrides.
+# Threading: Numba's OpenMP layer hands a parallel loop to its (briefly spinning) threads in ~3 us;
+# the workqueue layer parks and wakes them, ~90 us per call, which is 30 attention calls and up
+# to 120 GEMMs per decode step. OpenMP's spinning threads used to fight OpenBLAS's for the 2 cores
+# (40 vs 86 output tok/s), but decode GEMMs now run in Numba too (cpu_gemm), so only prefill
+# chunks meet BLAS. The priority list falls back to workqueue where no OpenMP runtime (libgomp)
+# is installed; NUMBA_THREADING_LAYER still overrides.
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
 ATTN_TILE = 16  # new tokens per attention work item
 

@@ -57,7 +57,10 @@ def test_embedding(ops, rng):
     np.testing.assert_array_equal(ops.embedding(ids, table), table[ids])
 
 
-@pytest.mark.parametrize("t,k,n", [(1, 64, 48), (16, 576, 1536), (37, 100, 7)])
+# Rows on both sides of SKINNY_ROWS (skinny_matmul below it, BLAS above), and N, K and M
+# that are not multiples of the 4 x 4 tile.
+@pytest.mark.parametrize("t,k,n", [(1, 64, 48), (3, 33, 5), (5, 100, 7), (16, 576, 1536), (37, 100, 7),
+                                   (64, 128, 130), (65, 96, 64), (200, 64, 33)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear(ops, rng, t, k, n, with_bias):
     x, w = randn(rng, t, k), randn(rng, n, k)
@@ -66,6 +69,20 @@ def test_linear(ops, rng, t, k, n, with_bias):
     got = ops.linear(x, w, b)
     assert got.shape == (t, n) and got.dtype == F32
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (4, 17, 4), (6, 300, 9), (16, 576, 963), (23, 1536, 576)])
+def test_skinny_matmul(rng, m, k, n):
+    from cupaged.backend.cpu_gemm import skinny_matmul
+    x, w = randn(rng, m, k), randn(rng, n, k)
+    out = np.full((m, n), np.nan, F32)
+    skinny_matmul(x, w, out)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_takes_strided_rows(ops, rng):
+    x, w = randn(rng, 8, 40), randn(rng, 12, 40)
+    np.testing.assert_allclose(ops.linear(x[::2], w), x[::2].astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
 
 
 def test_linear_does_not_copy_weight(ops, rng):

@@ -1,0 +1,95 @@
+"""A skinny GEMM for the CPU backend's decode steps: x [M, K] @ w [N, K].T with M small.
+
+Why not BLAS: with a few rows (a decode step has one per sequence) OpenBLAS packs every weight
+panel before using it once, and its worker threads stay spinning after the call, where they fight
+the Numba threads of the attention kernel for the same cores. Here each thread takes a run of
+4-row panels of w straight from memory (no packing; the weights are read once per step) and
+multiplies them by every row of x, 4 x 4 outputs at a time: 16 float32 accumulators, each a SIMD
+register of partial sums over K, reduced at the end. x stays in L1/L2 across panels.
+
+Large M (prefill chunks) still goes to BLAS, which wins once a packed panel is reused by many rows.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from cupaged.backend.cpu_kernels import FASTMATH
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+def _tile4x4(x, w, out, m0, n0):
+    """out[m0:m0+4, n0:n0+4] = x[m0:m0+4] @ w[n0:n0+4].T."""
+    x0, x1, x2, x3 = x[m0], x[m0 + 1], x[m0 + 2], x[m0 + 3]
+    w0, w1, w2, w3 = w[n0], w[n0 + 1], w[n0 + 2], w[n0 + 3]
+    z = np.float32(0.0)
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = z
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = z
+    for k in range(x.shape[1]):
+        a0, a1, a2, a3 = x0[k], x1[k], x2[k], x3[k]
+        b0, b1, b2, b3 = w0[k], w1[k], w2[k], w3[k]
+        s00 += a0 * b0
+        s01 += a0 * b1
+        s02 += a0 * b2
+        s03 += a0 * b3
+        s10 += a1 * b0
+        s11 += a1 * b1
+        s12 += a1 * b2
+        s13 += a1 * b3
+        s20 += a2 * b0
+        s21 += a2 * b1
+        s22 += a2 * b2
+        s23 += a2 * b3
+        s30 += a3 * b0
+        s31 += a3 * b1
+        s32 += a3 * b2
+        s33 += a3 * b3
+    out[m0, n0], out[m0, n0 + 1], out[m0, n0 + 2], out[m0, n0 + 3] = s00, s01, s02, s03
+    out[m0 + 1, n0], out[m0 + 1, n0 + 1], out[m0 + 1, n0 + 2], out[m0 + 1, n0 + 3] = s10, s11, s12, s13
+    out[m0 + 2, n0], out[m0 + 2, n0 + 1], out[m0 + 2, n0 + 2], out[m0 + 2, n0 + 3] = s20, s21, s22, s23
+    out[m0 + 3, n0], out[m0 + 3, n0 + 1], out[m0 + 3, n0 + 2], out[m0 + 3, n0 + 3] = s30, s31, s32, s33
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+def _tile1x4(x, w, out, m, n0):
+    """out[m, n0:n0+4] = x[m] @ w[n0:n0+4].T (the rows of x past the last multiple of 4)."""
+    xr, w0, w1, w2, w3 = x[m], w[n0], w[n0 + 1], w[n0 + 2], w[n0 + 3]
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for k in range(x.shape[1]):
+        a = xr[k]
+        s0 += a * w0[k]
+        s1 += a * w1[k]
+        s2 += a * w2[k]
+        s3 += a * w3[k]
+    out[m, n0], out[m, n0 + 1], out[m, n0 + 2], out[m, n0 + 3] = s0, s1, s2, s3
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+def _row_by_panel(x, w, out, m, n0, n1):
+    """out[m, n0:n1] = x[m] @ w[n0:n1].T, one output at a time (the last N % 4 columns)."""
+    xr = x[m]
+    for n in range(n0, n1):
+        wr = w[n]
+        s = np.float32(0.0)
+        for k in range(x.shape[1]):
+            s += xr[k] * wr[k]
+        out[m, n] = s
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def skinny_matmul(x, w, out):
+    """x [M, K] @ w [N, K].T -> out [M, N], all float32 and C-contiguous. Threads split N."""
+    m_n = x.shape[0]
+    n_n = w.shape[0]
+    m4 = m_n - m_n % 4
+    for p in numba.prange((n_n + 3) // 4):
+        n0 = 4 * p
+        n1 = min(n0 + 4, n_n)
+        if n1 - n0 == 4:
+            for m0 in range(0, m4, 4):
+                _tile4x4(x, w, out, m0, n0)
+            for m in range(m4, m_n):
+                _tile1x4(x, w, out, m, n0)
+        else:
+            for m in range(m_n):
+                _row_by_panel(x, w, out, m, n0, n1)
