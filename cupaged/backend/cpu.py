@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numba
 import numpy as np
 
 from cupaged.backend import cpu_kernels as K
@@ -82,7 +83,8 @@ class CpuOps(Ops):
         SKINNY_ROWS rows (decode steps) take `cpu_gemm.skinny_matmul` instead."""
         if x.shape[0] <= SKINNY_ROWS and weight.dtype == np.float32:
             out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-            skinny_matmul(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight), out)
+            skinny_matmul(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight), out,
+                          numba.get_num_threads())
         else:
             out = np.matmul(x, weight.T)
         if bias is not None:

@@ -72,11 +72,12 @@ def test_linear(ops, rng, t, k, n, with_bias):
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (4, 17, 4), (6, 300, 9), (16, 576, 963), (23, 1536, 576)])
-def test_skinny_matmul(rng, m, k, n):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_skinny_matmul(rng, m, k, n, threads):
     from cupaged.backend.cpu_gemm import skinny_matmul
     x, w = randn(rng, m, k), randn(rng, n, k)
     out = np.full((m, n), np.nan, F32)
-    skinny_matmul(x, w, out)
+    skinny_matmul(x, w, out, threads)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-4, atol=1e-4)
 
 
