@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from cupaged.backend.cpu_kernels import FASTMATH
+from cupaged.backend.cpu_math import FASTMATH
 
 BLOCK_PANELS = 32  # 4-row panels of w per work item (~300 KB of w at K = 576: it stays in L2)
 

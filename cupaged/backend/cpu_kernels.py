@@ -26,7 +26,8 @@ import os
 import numba
 import numpy as np
 
-# fastmath without nnan/ninf: the online softmax starts its running max at -inf.
+from cupaged.backend.cpu_math import FASTMATH, exp_f32
+
 # Threading: Numba's OpenMP layer hands a parallel loop to its (briefly spinning) threads in ~3 us;
 # the workqueue layer parks and wakes them, ~90 us per call, which is 30 attention calls and up
 # to 120 GEMMs per decode step. OpenMP's spinning threads used to fight OpenBLAS's for the 2 cores
@@ -35,7 +36,6 @@ import numpy as np
 # is installed; NUMBA_THREADING_LAYER still overrides.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
 ATTN_TILE = 16  # new tokens per attention work item
 
 
@@ -175,14 +175,14 @@ def _attend_block(qrow, kb, vb, kvh, j0, j1, acc, ml, r, scores):
         mx = max(mx, scores[j])
     if mx > ml[r, 0]:
         if ml[r, 1] > 0:  # rescale what earlier blocks accumulated
-            alpha = np.float32(math.exp(ml[r, 0] - mx))
+            alpha = exp_f32(ml[r, 0] - mx)
             ml[r, 1] *= alpha
             for d in range(d_n):
                 acc[r, d] *= alpha
         ml[r, 0] = mx
     lsum = np.float32(0.0)
     for j in range(j0, j1):
-        p = np.float32(math.exp(scores[j] - mx))
+        p = exp_f32(scores[j] - mx)
         scores[j] = p
         lsum += p
     a = acc[r]

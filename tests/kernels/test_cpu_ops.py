@@ -124,6 +124,31 @@ def test_silu_and_mul(ops, rng, t, i):
     np.testing.assert_allclose(got, ref.silu_and_mul(x), rtol=RTOL, atol=ATOL)
 
 
+def test_silu_and_mul_saturates(ops):
+    x = np.array([[-100.0, 100.0, 0.0, -30.0, 1.0, 2.0, 3.0, 4.0]], F32)
+    np.testing.assert_allclose(ops.silu_and_mul(x), ref.silu_and_mul(x), rtol=RTOL, atol=ATOL)
+
+
+def test_exp_f32_against_float64():
+    import numba
+
+    from cupaged.backend.cpu_math import exp_f32
+
+    @numba.njit
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp_f32(x[i])
+
+    x = np.concatenate([np.linspace(-86, 86, 200001), [0.0, -1e-7, 1e-7, np.log(2.0)]]).astype(F32)
+    got = np.empty_like(x)
+    apply(x, got)
+    want = np.exp(x.astype(np.float64))
+    rel = np.abs(got - want) / want
+    assert rel[np.abs(x) <= 20].max() < 2e-6 and rel.max() < 6e-6
+    apply(np.array([-200.0, 200.0], F32), got[:2])  # clamped to 2**-125 and 2**125, finite
+    assert 0 < got[0] < 1e-37 and np.isfinite(got[1]) and got[1] > 1e37
+
+
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("d,rot", [(64, 64), (80, 80), (128, 128), (64, 32), (128, 64)])
 @pytest.mark.parametrize("hq,hk", [(9, 3), (4, 4)])

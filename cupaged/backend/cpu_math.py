@@ -1,0 +1,57 @@
+"""Scalar float32 math for the Numba kernels that LLVM can vectorize.
+
+`math.exp` inside a Numba loop stays a scalar libm call per element (Numba has no vector math
+library unless Intel's SVML is installed), which made the exponentials the cost of SiLU and of
+the attention softmax. `exp_f32` is plain arithmetic instead: e**x = 2**n * 2**f with n an integer
+and |f| <= 1/2, 2**f from a degree-7 polynomial (Taylor terms of e**(f ln 2); the first omitted
+term is < 6e-9) and 2**n built in the float's exponent bits. Inlined into a loop it compiles to
+SIMD code (measured 10x faster than NumPy's exp for SiLU at [2048, 1536]). Relative error against
+float64 is ~1e-6 for |x| <= 20, growing to ~4e-6 by |x| = 87 from rounding x * log2(e) in float32;
+arguments are clamped to |x| <= 86.6 (2**+-125), so e**-100 comes out ~2e-38, not 4e-44.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+# fastmath without nnan/ninf: the online softmax starts its running max at -inf.
+FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
+LOG2E = np.float32(1.4426950408889634)
+
+
+@intrinsic
+def as_f32(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits` (a register bitcast, no memory)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+def exp_f32(x):
+    """e**x in float32, vectorizable; see the module note for its accuracy."""
+    t = min(max(x * LOG2E, np.float32(-125.0)), np.float32(125.0))
+    n = np.floor(t + np.float32(0.5))
+    f = t - n   # [-1/2, 1/2]
+    p = np.float32(1.5252733804059840e-5)       # ln(2)**7 / 7!
+    p = p * f + np.float32(1.5403530393381606e-4)
+    p = p * f + np.float32(1.3333558146428443e-3)
+    p = p * f + np.float32(9.6181291076284772e-3)
+    p = p * f + np.float32(5.5504108664821580e-2)
+    p = p * f + np.float32(2.4022650695910071e-1)
+    p = p * f + np.float32(6.9314718055994531e-1)  # ln(2)
+    p = p * f + np.float32(1.0)
+    return p * as_f32((np.int32(n) + np.int32(127)) << 23)
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+def silu_and_mul(x, out):
+    """x [T, 2I] = [gate | up] -> out [T, I] = gate * sigmoid(gate) * up; threads split T."""
+    n = out.shape[1]
+    for t in numba.prange(x.shape[0]):
+        for i in range(n):
+            g = x[t, i]
+            out[t, i] = g / (np.float32(1.0) + exp_f32(-g)) * x[t, n + i]
