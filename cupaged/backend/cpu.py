@@ -20,12 +20,11 @@ import numba
 import numpy as np
 
 from cupaged.backend import cpu_kernels as K
-from cupaged.backend.cpu_gemm import skinny_matmul
+from cupaged.backend.cpu_gemm import matmul_nt
 from cupaged.backend.cpu_math import silu_and_mul
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 
 _I32 = np.int32
-SKINNY_ROWS = 1 << 30  # linear() rows up to which skinny_matmul beats BLAS (benchmarks/gemm_rows.py)
 
 
 def _i32(x: Array) -> np.ndarray:
@@ -79,15 +78,11 @@ class CpuOps(Ops):
         return np.take(table, ids, axis=0)
 
     def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
-        """x [T, K] @ weight [N, K].T (+ bias [N]) -> [T, N]. weight.T is a view, so BLAS
-        reads the stored weight with a transpose flag and no per-call copy is made. Up to
-        SKINNY_ROWS rows (decode steps) take `cpu_gemm.skinny_matmul` instead."""
-        if x.shape[0] <= SKINNY_ROWS and weight.dtype == np.float32:
-            out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-            skinny_matmul(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight), out,
-                          numba.get_num_threads())
-        else:
-            out = np.matmul(x, weight.T)
+        """x [T, K] @ weight [N, K].T (+ bias [N]) -> new [T, N] float32, by `cpu_gemm.matmul_nt`
+        (which says why not NumPy's BLAS). The stored weight is read in place, never copied."""
+        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        matmul_nt(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight, dtype=np.float32), out,
+                  numba.get_num_threads())
         if bias is not None:
             out += bias
         return out

@@ -1,18 +1,22 @@
-"""A skinny GEMM for the CPU backend's decode steps: x [M, K] @ w [N, K].T with M small.
+"""The CPU backend's GEMM, x [M, K] @ w [N, K].T, in Numba rather than NumPy's BLAS.
 
-Why not BLAS: with a few rows (a decode step has one per sequence) OpenBLAS packs every weight
-panel before using it once, and its worker threads stay spinning after the call, where they fight
-the Numba threads of the attention kernel for the same cores. Here each thread takes a run of
-4-row panels of w straight from memory (no packing; the weights are read once per step) and
-multiplies them by every row of x, 4 x 4 outputs at a time: 16 float32 accumulators, each a SIMD
-register of partial sums over K, reduced at the end. x stays in L1/L2 across panels.
+Why not BLAS: (1) with a decode step's few rows, OpenBLAS packs every weight panel before using
+it once; (2) its worker threads keep spinning after each call, where they fight the Numba threads
+of the next kernel for the same cores (one thread pool per step is the fix); (3) on this project's
+machines numpy's OpenBLAS is pinned to its AVX2 kernels (OPENBLAS_CORETYPE). Measured on the
+2-core AMD EPYC, 2 threads, SmolLM2 shapes: 16 rows 330-350 GF/s with w in cache (OpenBLAS
+100-160), 2048 rows ~310 GF/s (OpenBLAS 260).
 
-Large M (prefill chunks) still goes to BLAS, which wins once a packed panel is reused by many rows.
+How: each thread takes runs of BLOCK_PANELS 4-row panels of w straight from memory (no packing;
+a decode step reads the weights once) and multiplies them by every row of x, 4 x 4 outputs at a
+time: 16 float32 accumulators, each a SIMD register of partial sums over K, reduced at the end.
+The first 4 rows of x stream a run in address order; the other rows find it in L2.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
+
 from cupaged.backend.cpu_math import FASTMATH
 
 BLOCK_PANELS = 32  # 4-row panels of w per work item (~300 KB of w at K = 576: it stays in L2)
@@ -92,7 +96,7 @@ def _panel_rows(x, w, out, m0, m1, p):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
-def skinny_matmul(x, w, out, threads):
+def matmul_nt(x, w, out, threads):
     """x [M, K] @ w [N, K].T -> out [M, N], all float32 and C-contiguous; threads: Numba's
     thread count (numba.get_num_threads(), passed in: reading it here would defeat the disk cache).
 

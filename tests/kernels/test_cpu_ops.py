@@ -57,8 +57,7 @@ def test_embedding(ops, rng):
     np.testing.assert_array_equal(ops.embedding(ids, table), table[ids])
 
 
-# Rows on both sides of SKINNY_ROWS (skinny_matmul below it, BLAS above), and N, K and M
-# that are not multiples of the 4 x 4 tile.
+# N, K and M that are not multiples of the 4 x 4 tile of cpu_gemm.matmul_nt.
 @pytest.mark.parametrize("t,k,n", [(1, 64, 48), (3, 33, 5), (5, 100, 7), (16, 576, 1536), (37, 100, 7),
                                    (64, 128, 130), (65, 96, 64), (200, 64, 33)])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -73,11 +72,11 @@ def test_linear(ops, rng, t, k, n, with_bias):
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (4, 17, 4), (6, 300, 9), (16, 576, 963), (23, 1536, 576)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_skinny_matmul(rng, m, k, n, threads):
-    from cupaged.backend.cpu_gemm import skinny_matmul
+def test_matmul_nt(rng, m, k, n, threads):
+    from cupaged.backend.cpu_gemm import matmul_nt
     x, w = randn(rng, m, k), randn(rng, n, k)
     out = np.full((m, n), np.nan, F32)
-    skinny_matmul(x, w, out, threads)
+    matmul_nt(x, w, out, threads)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-4, atol=1e-4)
 
 
