@@ -1,6 +1,7 @@
-"""The CPU backend: NumPy arrays, NumPy BLAS for GEMMs, Numba kernels for the rest.
+"""The CPU backend: NumPy arrays and Numba kernels, the GEMMs included (`cpu_gemm` says why not BLAS).
 
-The compute dtype is float32. Kernels live in `cupaged.backend.cpu_kernels` and are compiled
+The compute dtype is float32. Kernels live in `cupaged.backend.cpu_kernels`, `cpu_gemm` and
+`cpu_math`; all run on Numba's one pool of threads (OpenMP) and are compiled
 on first use and cached on disk (`NUMBA_CACHE_DIR` moves the cache). Ops that return a new
 array allocate it here; ops documented as in place write into the arrays they are given.
 
