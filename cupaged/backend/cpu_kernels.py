@@ -28,11 +28,11 @@ import numpy as np
 
 from cupaged.backend.cpu_math import FASTMATH, exp_f32
 
-# Threading: Numba's OpenMP layer hands a parallel loop to its (briefly spinning) threads in ~3 us;
-# the workqueue layer parks and wakes them, ~90 us per call, which is 30 attention calls and up
-# to 120 GEMMs per decode step. OpenMP's spinning threads used to fight OpenBLAS's for the 2 cores
-# (40 vs 86 output tok/s), but decode GEMMs now run in Numba too (cpu_gemm), so only prefill
-# chunks meet BLAS. The priority list falls back to workqueue where no OpenMP runtime (libgomp)
+# Threading: Numba's OpenMP layer hands a parallel loop to its (briefly spinning) threads in ~1 us;
+# the workqueue layer parks and wakes them, ~66 us per call (benchmarks/prange_overhead.py), and a
+# decode step makes ~150 such calls. OpenMP's spinning threads used to fight OpenBLAS's for the
+# 2 cores (40 vs 86 output tok/s), but the GEMMs now run in Numba too (cpu_gemm), so no BLAS call
+# is left in a step. The priority list falls back to workqueue where no OpenMP runtime (libgomp)
 # is installed; NUMBA_THREADING_LAYER still overrides.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
