@@ -4,8 +4,9 @@ Why not BLAS: (1) with a decode step's few rows, OpenBLAS packs every weight pan
 it once; (2) its worker threads keep spinning after each call, where they fight the Numba threads
 of the next kernel for the same cores (one thread pool per step is the fix); (3) on this project's
 machines numpy's OpenBLAS is pinned to its AVX2 kernels (OPENBLAS_CORETYPE). Measured on the
-2-core AMD EPYC, 2 threads, SmolLM2 shapes: 16 rows 330-350 GF/s with w in cache (OpenBLAS
-100-160), 2048 rows ~310 GF/s (OpenBLAS 260).
+2-core AMD EPYC, 2 threads, SmolLM2 shapes (`python benchmarks/cpu_gemm.py [--cold]`): 16 rows
+300-330 GF/s with w in cache (NumPy 120-150), 170-210 with w streamed from memory (NumPy 105-110);
+2048 rows 230-330 GF/s (NumPy 250-260); 1 row about even.
 
 How: each thread takes runs of BLOCK_PANELS 4-row panels of w straight from memory (no packing;
 a decode step reads the weights once) and multiplies them by every row of x, 4 x 4 outputs at a
