@@ -80,10 +80,15 @@ def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memor
     from cupaged.errors import CupagedError
     from cupaged.llm import LLM
     try:
-        return LLM(model=model, backend=backend, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                   dtype=dtype, **kwargs)
+        llm = LLM(model=model, backend=backend, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+                  dtype=dtype, **kwargs)
     except CupagedError as e:
         _fail(e)
+    if llm.engine.ops.name == "cpu":
+        from cupaged.backend.cpu import kernels_cached
+        if not kernels_cached():
+            click.echo("(first run: compiling the CPU kernels for this machine, ~10 s; later runs load them)", err=True)
+    return llm
 
 
 def make_params(temperature, top_p, top_k, max_tokens, seed, **extra):

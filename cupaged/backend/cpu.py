@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import numba
@@ -31,6 +32,16 @@ _I32 = np.int32
 def _i32(x: Array) -> np.ndarray:
     """An int32 C-contiguous view (or copy, only if needed) of an index array."""
     return np.ascontiguousarray(x, dtype=_I32)
+
+
+def kernels_cached() -> bool:
+    """Does Numba's disk cache hold the main CPU kernels (if not, the first step compiles them)?
+    Reads Numba's cache index path, an internal; if that moves, answers True (no note shown)."""
+    try:
+        return all(os.path.exists(kernel._cache._cache_file._index_path)
+                   for kernel in (K.paged_attention, matmul_nt, silu_and_mul))
+    except AttributeError:
+        return True
 
 
 class CpuOps(Ops):

@@ -310,8 +310,9 @@ def test_write_kv_then_attention(ops, rng):
 _CACHE_PROBE = """
 import json, numpy as np
 from cupaged.backend import cpu_kernels as K
-from cupaged.backend.cpu import CpuOps
+from cupaged.backend.cpu import CpuOps, kernels_cached
 from cupaged.backend.ops import AttnMetadata
+cached_before = kernels_cached()
 i32 = lambda x: np.array(x, np.int32)
 meta = AttnMetadata(i32([0, 1]), i32([0, 1]), i32([[0]]), i32([2]), i32([0, 2]), i32([1]), 2, 2)
 cache = np.ones((1, 16, 1, 64), np.float32)
@@ -321,7 +322,8 @@ ops.silu_and_mul(ops.linear(np.ones((3, 8), np.float32), np.ones((6, 8), np.floa
 from cupaged.backend.cpu_gemm import matmul_nt
 from cupaged.backend.cpu_math import silu_and_mul
 stats = [f.stats for f in (K.paged_attention, matmul_nt, silu_and_mul)]
-print(json.dumps({"hits": [len(st.cache_hits) for st in stats], "misses": [len(st.cache_misses) for st in stats]}))
+print(json.dumps({"hits": [len(st.cache_hits) for st in stats], "misses": [len(st.cache_misses) for st in stats],
+                  "cached_before": cached_before}))
 """
 
 
@@ -337,6 +339,8 @@ def test_kernels_load_from_disk_cache_in_a_second_process(tmp_path):
 
     first = run()  # attention, the GEMM, SiLU
     assert min(first["misses"]) >= 1 and max(first["hits"]) == 0
+    assert not first["cached_before"]  # what makes the CLI say that the first run compiles
     assert list(tmp_path.rglob("*.nbi")), "no numba index files written"
     second = run()
     assert min(second["hits"]) >= 1 and max(second["misses"]) == 0
+    assert second["cached_before"]
