@@ -1,6 +1,6 @@
 """What prefix caching costs when nothing is shared, and what it saves when a prompt is.
 
-    OPENBLAS_NUM_THREADS=2 python benchmarks/prefix_caching.py --runs 5
+    python benchmarks/prefix_caching.py --runs 5
 
 (a) Throughput at a 0% hit rate: every run submits fresh random prompts (seeded by run) to two
     engines, one with prefix caching and one without, in alternating order. Reports the median
@@ -20,6 +20,7 @@ import os
 import statistics
 import time
 
+import numba
 import numpy as np
 
 from cupaged.cli.bench import machine_name, parse_range, run_throughput, synthetic_workload
@@ -52,7 +53,7 @@ def time_bookkeeping(engine: LLMEngine) -> list[float]:
 def throughput_at_zero_hits(engines: dict[bool, LLMEngine], args) -> dict:
     vocab = engines[True].model_config.vocab_size
     bookkeeping = time_bookkeeping(engines[True])
-    for engine in engines.values():  # warm-up: Numba compiles, BLAS spins up
+    for engine in engines.values():  # warm-up: Numba loads or compiles its kernels
         run_throughput(engine, synthetic_workload(4, (32, 64), (4, 4), vocab, seed=10_000))
     rates: dict[bool, list[float]] = {True: [], False: []}
     cpu_rates: dict[bool, list[float]] = {True: [], False: []}  # tokens per CPU second of this process
@@ -125,8 +126,9 @@ def main() -> None:
     max_len = max(args.prefix_len + 64, args.input_len[1] + args.output_len)
     engines = {caching: make_engine(args.model, caching, max_model_len=max_len)
                for caching in (True, False)}
-    result = {"machine": machine_name(), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-              "zero_hit_throughput": throughput_at_zero_hits(engines, args),
+    zero_hit = throughput_at_zero_hits(engines, args)
+    result = {"machine": machine_name(), "threads": f"{numba.get_num_threads()} ({numba.threading_layer()})",
+              "zero_hit_throughput": zero_hit,
               "shared_prefix_ttft": ttft_after_shared_prefix(engines, args),
               "load_average_before_after": [load_before, os.getloadavg()[0]]}
     print(json.dumps(result, indent=1) if args.json else report(result, args))
@@ -135,7 +137,7 @@ def main() -> None:
 def report(r: dict, args) -> str:
     a, b = r["zero_hit_throughput"], r["shared_prefix_ttft"]
     return "\n".join([
-        f"prefix caching on {r['machine']}, OPENBLAS_NUM_THREADS={r['openblas_threads']}, "
+        f"prefix caching on {r['machine']}, Numba threads {r['threads']}, "
         f"load average {r['load_average_before_after'][0]:.2f} -> {r['load_average_before_after'][1]:.2f}",
         f"(a) 0% hits: {args.runs} runs x {args.requests} requests, prompts {args.input_len[0]}-{args.input_len[1]}, "
         f"{args.output_len} out (hit rate {a['hit_rate']:.1%} of {a['queries']} tokens looked up)",
