@@ -1,14 +1,14 @@
 """Scalar float32 math for the Numba kernels that LLVM can vectorize.
 
 `math.exp` inside a Numba loop stays a scalar libm call per element (Numba has no vector math
-library unless Intel's SVML is installed), which made the exponentials the cost of SiLU and of
-the attention softmax. `exp_f32` is plain arithmetic instead: e**x = 2**n * 2**f with n an integer
-and |f| <= 1/2, 2**f from a degree-7 polynomial (Taylor terms of e**(f ln 2); the first omitted
-term is < 6e-9) and 2**n built in the float's exponent bits. Inlined into a loop it compiles to
-SIMD code (SiLU of a 2048-token prefill step: 212 ms with NumPy, 35 ms with this; `python
-benchmarks/decode_breakdown.py`). Relative error against
-float64 is ~1e-6 for |x| <= 20, growing to ~4e-6 by |x| = 87 from rounding x * log2(e) in float32;
-arguments are clamped to |x| <= 86.6 (2**+-125), so e**-100 comes out ~2e-38, not 4e-44.
+library unless Intel's SVML is installed), which made the exponentials most of SiLU's cost.
+`exp_f32` is plain arithmetic instead: e**x = 2**n * 2**f with n an integer and |f| <= 1/2, 2**f
+from a degree-7 polynomial (Taylor terms of e**(f ln 2); the first omitted term is < 6e-9) and
+2**n built in the float's exponent bits. Inlined into a loop it compiles to SIMD code (SiLU of a
+2048-token prefill step: 212 ms with NumPy, 35 ms with this; `benchmarks/decode_breakdown.py`).
+Relative error against float64 is ~1e-6 for |x| <= 20, growing to ~4e-6 by |x| = 87 from rounding
+x * log2(e) in float32; arguments are clamped to |x| <= 86.6 (2**+-125), so e**-100 comes out
+~2e-38, not 4e-44. The attention softmax uses it too.
 """
 from __future__ import annotations
 
