@@ -25,8 +25,10 @@ from cupaged.backend import cpu_kernels as K
 from cupaged.backend.cpu_gemm import matmul_nt
 from cupaged.backend.cpu_math import silu_and_mul
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
+from cupaged.errors import InvalidRequestError
 
 _I32 = np.int32
+GEMMS = ("numba", "blas")  # CpuOps(gemm=...) / $CUPAGED_CPU_GEMM
 
 
 def _i32(x: Array) -> np.ndarray:
@@ -50,6 +52,15 @@ class CpuOps(Ops):
     name = "cpu"
     dtype = np.float32   # the compute dtype: weights, activations and KV cache
     itemsize = 4
+
+    def __init__(self, gemm: str | None = None):
+        """gemm: "numba" (`cpu_gemm.matmul_nt`, the default) or "blas" (NumPy's matmul, for machines
+        where its BLAS wins); None reads $CUPAGED_CPU_GEMM. With "blas" from the environment,
+        `cpu_kernels` keeps Numba on its workqueue layer, whose parked threads leave BLAS's alone."""
+        gemm = gemm or os.environ.get("CUPAGED_CPU_GEMM") or "numba"
+        if gemm not in GEMMS:
+            raise InvalidRequestError(f"CPU GEMM must be one of {', '.join(GEMMS)} (CUPAGED_CPU_GEMM), got {gemm!r}")
+        self.gemm = gemm
 
     # --- arrays -----------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Array:
@@ -91,10 +102,14 @@ class CpuOps(Ops):
 
     def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
         """x [T, K] @ weight [N, K].T (+ bias [N]) -> new [T, N] float32, by `cpu_gemm.matmul_nt`
-        (which says why not NumPy's BLAS). The stored weight is read in place, never copied."""
-        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-        matmul_nt(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight, dtype=np.float32), out,
-                  numba.get_num_threads())
+        (which says why not NumPy's BLAS), or NumPy's matmul with gemm="blas". The stored weight is
+        read in place, never copied."""
+        if self.gemm == "blas":
+            out = np.matmul(x, weight.T)  # weight.T is a view: BLAS reads it with a transpose flag
+        else:
+            out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+            matmul_nt(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight, dtype=np.float32),
+                      out, numba.get_num_threads())
         if bias is not None:
             out += bias
         return out

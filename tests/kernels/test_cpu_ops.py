@@ -61,11 +61,12 @@ def test_embedding(ops, rng):
 @pytest.mark.parametrize("t,k,n", [(1, 64, 48), (3, 33, 5), (5, 100, 7), (16, 576, 1536), (37, 100, 7),
                                    (64, 128, 130), (65, 96, 64), (200, 64, 33)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear(ops, rng, t, k, n, with_bias):
+@pytest.mark.parametrize("gemm", ["numba", "blas"])
+def test_linear(rng, t, k, n, with_bias, gemm):
     x, w = randn(rng, t, k), randn(rng, n, k)
     b = randn(rng, n) if with_bias else None
     want = x.astype(np.float64) @ w.astype(np.float64).T + (0 if b is None else b)
-    got = ops.linear(x, w, b)
+    got = CpuOps(gemm=gemm).linear(x, w, b)
     assert got.shape == (t, n) and got.dtype == F32
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -78,6 +79,16 @@ def test_matmul_nt(rng, m, k, n, threads):
     out = np.full((m, n), np.nan, F32)
     matmul_nt(x, w, out, threads)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_choice_is_checked_by_name(monkeypatch):
+    monkeypatch.delenv("CUPAGED_CPU_GEMM", raising=False)
+    assert CpuOps().gemm == "numba"
+    monkeypatch.setenv("CUPAGED_CPU_GEMM", "blas")
+    assert CpuOps().gemm == "blas"
+    monkeypatch.setenv("CUPAGED_CPU_GEMM", "mkl")
+    with pytest.raises(ValueError, match="CUPAGED_CPU_GEMM.*'mkl'"):
+        CpuOps()
 
 
 def test_linear_takes_strided_rows(ops, rng):
