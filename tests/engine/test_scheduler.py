@@ -344,6 +344,21 @@ def test_finish_of_a_preempted_sequence():
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
 
 
+def run_arrivals(eng, requests) -> list:
+    """Drive eng (add / step / sched) through (prompt, max_tokens, arrival step) requests until all
+    finish; returns their sequences in arrival order. Also used by test_scheduler_swap."""
+    arrivals = sorted(((t, p, m) for p, m, t in requests), key=lambda r: r[0])
+    seqs, step = [], 0
+    while arrivals or eng.sched.has_unfinished():
+        while arrivals and arrivals[0][0] <= step:
+            _, p, m = arrivals.pop(0)
+            seqs.append(eng.add(p, max_tokens=m))
+        eng.step()
+        step += 1
+        assert step < 5_000, "no progress"
+    return seqs
+
+
 # --- random workloads ----------------------------------------------------------------------
 @settings(max_examples=200, deadline=None)
 @given(
@@ -359,15 +374,7 @@ def test_random_workloads_finish_within_limits(block_size, max_num_seqs, budget,
     """(prompt, max_tokens, arrival step) requests; the pool always fits the longest one. Nobody starves."""
     longest = max(p + m - 1 for p, m, _ in requests)
     eng = FakeEngine(cdiv(longest, block_size) + spare_blocks, block_size, max_num_seqs, budget, chunked)
-    arrivals = sorted(((t, p, m) for p, m, t in requests), key=lambda r: r[0])
-    seqs, step = [], 0
-    while arrivals or eng.sched.has_unfinished():
-        while arrivals and arrivals[0][0] <= step:
-            _, p, m = arrivals.pop(0)
-            seqs.append(eng.add(p, max_tokens=m))
-        eng.step()
-        step += 1
-        assert step < 5_000, "no progress"
+    seqs = run_arrivals(eng, requests)
     assert [s.num_output_tokens for s in seqs] == [s.params.max_tokens for s in seqs]
     assert all(s.is_finished and s.block_table == [] for s in seqs)
     assert eng.bm.num_free_blocks == eng.bm.num_blocks

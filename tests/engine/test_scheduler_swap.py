@@ -21,6 +21,8 @@ from cupaged.engine.scheduler import ScheduledBatch, Scheduler
 from cupaged.engine.sequence import Sequence, SequenceStatus
 from cupaged.sampling_params import SamplingParams
 
+from tests.engine.test_scheduler import run_arrivals
+
 
 class KVEngine:
     def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int, max_num_seqs: int = 8,
@@ -201,15 +203,7 @@ def test_random_workloads_with_swap_finish_with_both_pools_free(block_size, max_
     """(prompt, max_tokens, arrival step) requests; the device pool always fits the longest one."""
     longest = max(p + m - 1 for p, m, _ in requests)
     eng = KVEngine(-(-longest // block_size) + spare_blocks, block_size, num_host_blocks, max_num_seqs, budget)
-    arrivals = sorted(((t, p, m) for p, m, t in requests), key=lambda r: r[0])
-    seqs, step = [], 0
-    while arrivals or eng.sched.has_unfinished():
-        while arrivals and arrivals[0][0] <= step:
-            _, p, m = arrivals.pop(0)
-            seqs.append(eng.add(p, max_tokens=m))
-        eng.step()
-        step += 1
-        assert step < 5_000, "no progress"
+    seqs = run_arrivals(eng, requests)
     event(f"swapped out: {eng.sched.num_swap_outs > 0}")
     event(f"preempted by recompute: {eng.sched.num_preemptions > eng.sched.num_swap_outs}")
     assert [s.num_output_tokens for s in seqs] == [s.params.max_tokens for s in seqs]
