@@ -13,7 +13,7 @@ import time
 import numba
 import numpy as np
 
-import cupaged.backend.cpu_kernels  # noqa: F401  (sets the threading-layer priority cupaged uses)
+import cupaged.backend.cpu_math  # noqa: F401  (sets the threading-layer priority cupaged uses)
 
 
 @numba.njit(parallel=True)

@@ -56,7 +56,7 @@ class CpuOps(Ops):
     def __init__(self, gemm: str | None = None):
         """gemm: "numba" (`cpu_gemm.matmul_nt`, the default) or "blas" (NumPy's matmul, for machines
         where its BLAS wins); None reads $CUPAGED_CPU_GEMM. With "blas" from the environment,
-        `cpu_kernels` keeps Numba on its workqueue layer, whose parked threads leave BLAS's alone."""
+        `cpu_math` keeps Numba on its workqueue layer, whose parked threads leave BLAS's alone."""
         gemm = gemm or os.environ.get("CUPAGED_CPU_GEMM") or "numba"
         if gemm not in GEMMS:
             raise InvalidRequestError(f"CPU GEMM must be one of {', '.join(GEMMS)} (CUPAGED_CPU_GEMM), got {gemm!r}")
@@ -104,6 +104,9 @@ class CpuOps(Ops):
         """x [T, K] @ weight [N, K].T (+ bias [N]) -> new [T, N] float32, by `cpu_gemm.matmul_nt`
         (which says why not NumPy's BLAS), or NumPy's matmul with gemm="blas". The stored weight is
         read in place, never copied."""
+        if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
+            # matmul_nt does not bounds-check: a K mismatch would read past the end of a row.
+            raise ValueError(f"linear: x {x.shape} does not fit weight {weight.shape} (want [T, K] and [N, K])")
         if self.gemm == "blas":
             out = np.matmul(x, weight.T)  # weight.T is a view: BLAS reads it with a transpose flag
         else:

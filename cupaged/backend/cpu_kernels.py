@@ -21,25 +21,12 @@ block_tables [B, MB], seq_lens [B], query_start_loc [B + 1].
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
 
 from cupaged.backend.cpu_math import FASTMATH, exp_f32
 
-# Threading: Numba's OpenMP layer hands a parallel loop to its (briefly spinning) threads in ~1 us;
-# the workqueue layer parks and wakes them, ~66 us per call (benchmarks/prange_overhead.py), and a
-# decode step makes ~150 such calls. OpenMP's spinning threads used to fight OpenBLAS's for the
-# 2 cores (40 vs 86 output tok/s), but the GEMMs now run in Numba too (cpu_gemm), so no BLAS call
-# is left in a step. The priority list falls back to workqueue where no OpenMP runtime (libgomp)
-# is installed; NUMBA_THREADING_LAYER still overrides. CUPAGED_CPU_GEMM=blas (NumPy's BLAS for the
-# GEMMs, see CpuOps) brings back the workqueue layer, whose parked threads leave BLAS's alone.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    if os.environ.get("CUPAGED_CPU_GEMM") == "blas":
-        numba.config.THREADING_LAYER = "workqueue"
-    else:
-        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 ATTN_TILE = 16  # new tokens per attention work item
 
 

@@ -9,8 +9,12 @@ from a degree-7 polynomial (Taylor terms of e**(f ln 2); the first omitted term 
 Relative error against float64 is ~1e-6 for |x| <= 20, growing to ~4e-6 by |x| = 87 from rounding
 x * log2(e) in float32; arguments are clamped to |x| <= 86.6 (2**+-125), so e**-100 comes out
 ~2e-38, not 4e-44. The attention softmax uses it too.
+
+It also chooses Numba's threading layer, before any CPU kernel (all import this module) runs.
 """
 from __future__ import annotations
+
+import os
 
 import numba
 import numpy as np
@@ -21,6 +25,19 @@ from numba.extending import intrinsic
 # fastmath without nnan/ninf: the online softmax starts its running max at -inf.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
 LOG2E = np.float32(1.4426950408889634)
+
+# Threading: Numba's OpenMP layer hands a parallel loop to its (briefly spinning) threads in ~1 us;
+# the workqueue layer parks and wakes them, ~66 us per call (benchmarks/prange_overhead.py), and a
+# decode step makes ~150 such calls. OpenMP's spinning threads used to fight OpenBLAS's for the
+# 2 cores (40 vs 86 output tok/s), but the GEMMs now run in Numba too (cpu_gemm), so no BLAS call
+# is left in a step. The priority list falls back to workqueue where no OpenMP runtime (libgomp)
+# is installed; NUMBA_THREADING_LAYER still overrides. CUPAGED_CPU_GEMM=blas (NumPy's BLAS for the
+# GEMMs, see CpuOps) brings back the workqueue layer, whose parked threads leave BLAS's alone.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    if os.environ.get("CUPAGED_CPU_GEMM") == "blas":
+        numba.config.THREADING_LAYER = "workqueue"
+    else:
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
 @intrinsic

@@ -91,6 +91,20 @@ def test_gemm_choice_is_checked_by_name(monkeypatch):
         CpuOps()
 
 
+@pytest.mark.parametrize("gemm", ["numba", "blas"])
+def test_linear_refuses_mismatched_shapes(rng, gemm):
+    ops = CpuOps(gemm=gemm)
+    with pytest.raises(ValueError, match=r"x \(4, 8\) does not fit weight \(6, 9\)"):
+        ops.linear(randn(rng, 4, 8), randn(rng, 6, 9))
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.linear(randn(rng, 8), randn(rng, 6, 8))
+
+
+def test_silu_and_mul_refuses_an_odd_width(ops, rng):
+    with pytest.raises(ValueError, match="odd width 7"):
+        ops.silu_and_mul(randn(rng, 2, 7))
+
+
 def test_linear_takes_strided_rows(ops, rng):
     x, w = randn(rng, 8, 40), randn(rng, 12, 40)
     np.testing.assert_allclose(ops.linear(x[::2], w), x[::2].astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
