@@ -5,7 +5,17 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifdef __CUDACC_RTC__
+// NVRTC ships no C library headers: the fixed-width integers come from CCCL (bundled with CuPy),
+// and INFINITY, which nvcc and the emulator get from <math.h>, is spelled out.
+#include <cuda/std/cstdint>
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#else
+#include <math.h>
 #include <stdint.h>
+#endif
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }

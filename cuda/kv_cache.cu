@@ -15,9 +15,7 @@
 // Why: both ops are pure copies, so they move uint4 (16 bytes) per thread per step when
 // the row length, strides and pointers allow, and one element at a time otherwise. Offsets
 // are computed in 64 bits: a cache can exceed 2^31 elements.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 namespace {
 
