@@ -24,6 +24,9 @@
 #include <vector>
 #include <link.h>
 #include <sys/mman.h>
+#if defined(__x86_64__)
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr: flush denormals as -ftz=true does
+#endif
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>

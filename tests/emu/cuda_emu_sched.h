@@ -228,7 +228,19 @@ inline void run_block(Worker* w) {
   }
 }
 
+// CuPy compiles every RawModule with -ftz=true: single-precision denormal inputs and results are
+// flushed to zero. MXCSR's FTZ and DAZ bits do the same for the host's SSE float math, for the
+// launch only (the caller's own thread gets its MXCSR back).
+struct FlushDenormals {
+#if defined(__x86_64__)
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
 inline void worker_main(Launch* L) {
+  FlushDenormals ftz;
   Worker w;
   w.L = L;
   tls_w = &w;

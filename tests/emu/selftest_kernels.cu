@@ -102,6 +102,13 @@ extern "C" __global__ void half_ops(const __half* a, const __half* b, __half* c,
   w[i] = __hmul(x[i], y[i]);
 }
 
+// out[i] = x[i] * scale: with -ftz=true (CuPy's RawModule default, the emulator's too) a denormal
+// input or result is flushed to zero.
+extern "C" __global__ void scale_f32(const float* x, float* out, float scale, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = x[i] * scale;
+}
+
 // Kernels that break CUDA's rules; the harness must report them, not hang.
 extern "C" __global__ void exit_before_barrier(float* out) {
   if (threadIdx.x < 16) return;

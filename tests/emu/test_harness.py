@@ -206,6 +206,18 @@ def test_half_and_bfloat16_arithmetic(mod, rng):
     np.testing.assert_array_equal(w, to_bf16(from_bf16(x) * from_bf16(y)))
 
 
+def test_denormals_flush_to_zero_as_under_cupy():
+    """CuPy compiles with -ftz=true, so the emulator flushes float32 denormals for the launch, and only
+    for the launch: NumPy in the calling thread keeps IEEE denormals."""
+    tiny = np.finfo(np.float32).smallest_normal
+    x = np.array([tiny / 4, tiny, 1.0, -tiny / 2], np.float32)
+    out = poisoned(x.size, np.float32)
+    mod = load_module(SRC)
+    mod.launch("scale_f32", grid=(1,), block=(32,), args=[x, out, np.float32(0.5), np.int32(x.size)])
+    np.testing.assert_array_equal(out, [0.0, 0.0, 0.5, 0.0])  # inputs flushed (DAZ), results flushed (FTZ)
+    assert x[0] * np.float32(0.5) > 0  # the host's own float math is untouched
+
+
 def test_bf16_helpers_round_to_nearest_even():
     bits = np.array([0x3F808000, 0x3F818000, 0x3F808001, 0x7F7FFFFF, 0x7FC00001], np.uint32)
     assert to_bf16(bits.view(np.float32)).tolist() == [0x3F80, 0x3F82, 0x3F81, 0x7F80, 0x7FC0]
