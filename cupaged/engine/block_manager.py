@@ -1,9 +1,10 @@
 """Block manager: a fixed pool of KV-cache blocks, with ref counts.
 
-Pure Python, no array imports. Blocks are created once at start-up. Free blocks sit in a
-doubly linked queue threaded through the blocks themselves, so allocate (pop the head),
-free (push the tail) and taking a block out of the middle (prefix-cache reuse)
-are all O(1) with no Python objects made per step.
+Pure Python, no array imports. A block's object is made the first time its id is handed out
+and then lives as long as the pool, so start-up is O(1) however many blocks there are. Free
+blocks sit in a queue: the never-used ids, then a doubly linked list threaded through the
+freed blocks themselves, so allocate (pop the head), free (push the tail) and taking a block
+out of the middle (prefix-cache reuse) are all O(1) with no Python objects made per step.
 
 A sequence's `block_table` lists its physical block ids in order; token position p lives
 in slot `block_table[p // block_size] * block_size + p % block_size`. A block held by
@@ -42,16 +43,44 @@ class Block:
         return f"Block({self.block_id}, ref_cnt={self.ref_cnt})"
 
 
-class FreeBlockQueue:
-    """Doubly linked list of free blocks: O(1) popleft, append and remove."""
+class BlockPool:
+    """The device blocks, by id, made on first use: a pool of millions (a small model on a large
+    GPU) costs no Python objects at start-up. Blocks are handed out lowest id first until each
+    has been used once, so the blocks made are almost always the prefix [0, len(made))."""
 
-    def __init__(self, blocks: list[Block]):
-        self._head = Block(-1)  # sentinels
+    def __init__(self, num_blocks: int):
+        self._num_blocks = num_blocks
+        self._made: list[Block] = []
+
+    def __len__(self) -> int:
+        return self._num_blocks
+
+    def __getitem__(self, block_id: int) -> Block:
+        if block_id >= len(self._made):
+            if not 0 <= block_id < self._num_blocks:
+                raise IndexError(f"block id {block_id} is not in [0, {self._num_blocks})")
+            self._made.extend(Block(i) for i in range(len(self._made), block_id + 1))
+        return self._made[block_id]
+
+    def __iter__(self):
+        return (self[i] for i in range(self._num_blocks))
+
+
+class FreeBlockQueue:
+    """The free blocks in LRU order: first the never-used ids [next_fresh, N), ascending, then a
+    doubly linked list of freed blocks. O(1) popleft, append and remove, O(1) to build."""
+
+    def __init__(self, pool: BlockPool):
+        self._pool = pool
+        self.next_fresh = 0  # ids from here on have never been handed out
+        self._head = Block(-1)  # sentinels of the linked part
         self._tail = Block(-2)
         self._head.next, self._tail.prev = self._tail, self._head
-        self.num_free = 0
-        for block in blocks:
-            self.append(block)
+        self.num_linked = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._pool) - self.next_fresh + self.num_linked
 
     def append(self, block: Block) -> None:
         last = self._tail.prev
@@ -59,21 +88,26 @@ class FreeBlockQueue:
         block.prev, block.next = last, self._tail
         last.next = block
         self._tail.prev = block
-        self.num_free += 1
+        self.num_linked += 1
 
     def remove(self, block: Block) -> None:
         assert block.prev is not None and block.next is not None, f"block {block.block_id} is not free"
         block.prev.next, block.next.prev = block.next, block.prev
         block.prev = block.next = None
-        self.num_free -= 1
+        self.num_linked -= 1
 
     def popleft(self) -> Block:
+        if self.next_fresh < len(self._pool):
+            self.next_fresh += 1
+            return self._pool[self.next_fresh - 1]
         block = self._head.next
         assert block is not None and block is not self._tail, "no free block"
         self.remove(block)
         return block
 
     def __iter__(self):
+        for block_id in range(self.next_fresh, len(self._pool)):
+            yield self._pool[block_id]
         block = self._head.next
         while block is not None and block is not self._tail:
             yield block
@@ -87,7 +121,7 @@ class BlockManager:
                  enable_prefix_caching: bool = False):
         assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks = BlockPool(num_blocks)
         self.free_queue = FreeBlockQueue(self.blocks)
         self.host = HostBlockPool(num_host_blocks)  # the swap pool; empty unless preemption_mode is "swap"
         self.enable_prefix_caching = enable_prefix_caching
