@@ -42,3 +42,13 @@ def test_installed_wheel_runs_from_another_directory(wheel, tmp_path):
     run = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr
+
+
+def test_store_and_engine_import_without_gguf():
+    """A device image without gguf still loads converted weights (and the test suite's conftest):
+    gguf is imported only when a GGUF file is converted."""
+    code = ("import sys; sys.modules['gguf'] = None; "  # any `import gguf` now raises ImportError
+            "import cupaged.weights.store, cupaged.engine.engine, tests.conftest")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr

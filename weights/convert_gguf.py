@@ -25,16 +25,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGUFReader
-from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from cupaged.errors import UnsupportedModelError, WeightsError
 from cupaged.weights.gguf_tokenizer import build_tokenizer, tokenizer_config
+
+if TYPE_CHECKING:  # gguf is imported where it is used: a machine that only loads converted weights needs none
+    from gguf import GGUFReader
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def _open(gguf_path: Path) -> GGUFReader:
     """Open a GGUF file, turning a corrupt one into a WeightsError naming it."""
     if not gguf_path.is_file():
         raise WeightsError(f"GGUF file not found: {gguf_path}")
+    from gguf import GGUFReader
     try:
         return GGUFReader(gguf_path)
     except Exception as exc:  # the reader raises ValueError/struct errors/... on bad files
@@ -192,6 +194,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
 
 def _dequantized(tensor: Any, hp: dict[str, Any]) -> np.ndarray:
     """One GGUF tensor as float32 (rows, cols) in HF order, rotary rows restored."""
+    from gguf.quants import dequantize
+
     values = dequantize(tensor.data, tensor.tensor_type)
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
     values = np.asarray(values, dtype=np.float32).reshape(shape)
