@@ -46,8 +46,33 @@ SPECS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_tiny_model(name: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Save model `name` of SPECS into out_dir (safetensors + config.json + tokenizer files)."""
+def write_tiny_tokenizer(out_dir: Path) -> None:
+    """A byte-level BPE tokenizer of exactly VOCAB tokens, trained here on a fixed text (no download):
+    ids 0-2 are <|pad|>, <|im_start|> (bos) and <|endoftext|> (eos), as the tiny configs expect."""
+    import json
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|pad|>", "<|im_start|>", "<|endoftext|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rng = random.Random(0)  # words drawn from a fixed seed give enough distinct pairs to merge
+    words = ["".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(2, 7))) for _ in range(3000)]
+    text = [" ".join(words), "Un café, s'il vous plaît: naïve façade, größer, 東京, 🙂. " * 8]
+    tok.train_from_iterator(text, trainer)
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    tok.save(str(Path(out_dir) / "tokenizer.json"))
+    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}))
+
+
+def build_tiny_model(name: str, out_dir: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+    """Save model `name` of SPECS into out_dir (safetensors + config.json + tokenizer files). The
+    tokenizer is copied from tokenizer_dir, else a tiny one is made (`write_tiny_tokenizer`)."""
     import torch
     import transformers
 
@@ -64,6 +89,9 @@ def build_tiny_model(name: str, out_dir: Path, tokenizer_dir: Path, seed: int = 
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer_dir is None:
+        write_tiny_tokenizer(out_dir)
+        return out_dir
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(tokenizer_dir) / f, out_dir / f)
     return out_dir
