@@ -122,6 +122,21 @@ class _Cublas:
             beta.ctypes.data, out.data.ptr, out_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmEx")
 
 
+def graph_memory_pool(memory: list):
+    """The graph pool: a CuPy MemoryPool whose allocator takes device memory that is never freed (it is
+    kept in `memory`). CuPy's pool frees its cached blocks when an allocation fails; those blocks are
+    intermediates baked into captured graphs, so they must stay allocated for the life of the device.
+    The allocator holds the list, not the device: a bound method would tie the device into a cycle."""
+    import cupy
+
+    def malloc(nbytes: int):
+        mem = cupy.cuda.Memory(nbytes)
+        memory.append(mem)
+        return cupy.cuda.MemoryPointer(mem, 0)
+
+    return cupy.cuda.MemoryPool(malloc)
+
+
 class CupyDevice(Device):
     """The current CuPy device: NVRTC modules, raw launches on the current stream, cuBLAS GEMMs."""
 
@@ -202,7 +217,7 @@ class CupyDevice(Device):
             # Non-blocking: a capturing blocking stream would make the legacy default stream unusable.
             # Ordering is explicit instead: both streams are synchronized around the warm-up.
             self._capture_stream = cupy.cuda.Stream(non_blocking=True)
-            self._graph_pool = cupy.cuda.MemoryPool(self._graph_malloc)
+            self._graph_pool = graph_memory_pool(self._graph_memory)
         stream = self._capture_stream
         cupy.cuda.get_current_stream().synchronize()
         with stream, cupy.cuda.using_allocator(self._graph_pool.malloc):
@@ -219,16 +234,6 @@ class CupyDevice(Device):
                 raise
             graph = stream.end_capture()
         return CupyGraph(graph, output)
-
-    def _graph_malloc(self, nbytes: int):
-        """The graph pool's allocator: device memory that is never freed. CuPy's pool frees its cached
-        blocks when an allocation fails; those blocks are intermediates baked into captured graphs, so
-        they must stay ours for the life of the device."""
-        import cupy
-
-        mem = cupy.cuda.Memory(nbytes)
-        self._graph_memory.append(mem)
-        return cupy.cuda.MemoryPointer(mem, 0)
 
     @property
     def graph_pool_bytes(self) -> int:

@@ -85,7 +85,8 @@ class LlamaModel:
         )
 
     def forward(self, input_ids: Array, meta: AttnMetadata, kv_caches: list[tuple[Array, Array]]) -> Array:
-        """input_ids [T] int32 -> logits [S, V] float32 for the rows meta.logits_indices [S]."""
+        """input_ids [T] int32 -> logits [S, V] in the compute dtype (float32 on the CPU, fp16/bf16 on CUDA)
+        for the rows meta.logits_indices [S]."""
         ops, layers = self.ops, self.layers
         residual = ops.embedding(input_ids, self.embed)          # [T, H]
         h = ops.rms_norm(residual, layers[0].input_norm, self.cfg.rms_norm_eps)

@@ -43,3 +43,17 @@ def test_a_header_change_changes_the_source(monkeypatch):
 
     monkeypatch.setattr(cd, "source_text", edited)
     assert inline_headers("layernorm.cu") != before
+
+
+def test_the_graph_pool_does_not_keep_the_device_alive():
+    """Dropping a CupyDevice frees it at once (no reference cycle through its graph pool's allocator)."""
+    import weakref
+
+    pytest.importorskip("cupy")
+    from cupaged.backend.cupy_device import CupyDevice, graph_memory_pool
+    dev = object.__new__(CupyDevice)  # no GPU here: only the fields the pool involves
+    dev._graph_memory = []
+    dev._graph_pool = graph_memory_pool(dev._graph_memory)
+    gone = weakref.ref(dev)
+    del dev
+    assert gone() is None
