@@ -2,7 +2,7 @@
 
 `IncrementalDetokenizer` turns a growing list of token ids into text deltas:
 - a multi-byte UTF-8 character split across tokens is held back until it is complete
-  (a decode that ends in U+FFFD is not emitted yet);
+  (`tokenizers`' DecodeStream yields nothing until it is);
 - a tail of text that could still become a stop string is held back too, so stop strings
   are never emitted, even when they span tokens.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from cupaged.errors import WeightsError
 
@@ -26,7 +27,7 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise WeightsError(f"{model_dir}: no tokenizer.json")
-        self._tok = HFTokenizer.from_file(str(path))
+        self._tok = self.hf = HFTokenizer.from_file(str(path))
         self.config = _read_json(model_dir / "tokenizer_config.json")
         self.chat_template = self.config.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
@@ -87,40 +88,60 @@ def _compile(template: str) -> jinja2.Template:
 
 
 class IncrementalDetokenizer:
-    """Text deltas for one sequence, with stop strings held back and cut off."""
+    """Text deltas for one sequence, with stop strings held back and cut off.
+
+    Each token costs one `tokenizers` DecodeStream step (O(1): it keeps its own few tokens of
+    context), not a decode of the text so far. The stream is primed with the prompt's last tokens
+    (their text is dropped), so a first output token's leading space survives where a decoder
+    strips it at the start of a text.
+    """
+
+    CONTEXT = 6  # tokens of context a fork or the prompt primes its stream with (> the longest UTF-8 split)
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str] | None = None,
                  skip_special_tokens: bool = True):
         self.tok, self.stop, self.skip = tokenizer, stop or [], skip_special_tokens
-        # Decode from a few prompt tokens back, so a leading space of the first output token survives.
-        self.ids = list(prompt_ids[-5:])
-        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self.max_stop = max((len(s) for s in self.stop), default=0)
+        self.ids = list(prompt_ids[-self.CONTEXT:])  # the last tokens seen (a fork's context)
+        self._stream = self._primed(self.ids)
         self.text = ""        # output text so far (stop string excluded once found)
         self.emitted = 0      # characters of self.text already handed out
         self.stopped = False
 
+    def _primed(self, ids: list[int]) -> DecodeStream:
+        stream = DecodeStream(skip_special_tokens=self.skip)
+        for token_id in ids:
+            stream.step(self.tok.hf, token_id)
+        return stream
+
     def add(self, token_id: int) -> None:
         """Take one new token; updates self.text and self.stopped."""
         self.ids.append(token_id)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(self.ids) > 4 * self.CONTEXT:
+            del self.ids[:-self.CONTEXT]
+        chunk = self._stream.step(self.tok.hf, token_id)
+        if not chunk:
             return  # an incomplete UTF-8 character, or nothing visible yet
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
-        self.text += full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self._cut_at_stop(start)
+        start = max(0, len(self.text) - self.max_stop)
+        self.text += chunk
+        if self.stop:
+            self._cut_at_stop(start)
 
     def fork(self) -> IncrementalDetokenizer:
         """A copy that goes on decoding on its own (a beam's continuation)."""
         clone = copy.copy(self)
-        clone.ids = list(self.ids)
+        clone.ids = self.ids[-self.CONTEXT:]
+        clone._stream = self._primed(clone.ids)
         return clone
 
     def _cut_at_stop(self, start: int) -> None:
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
+        cut = -1
+        for stop in self.stop:
+            at = self.text.find(stop, start)
+            if at >= 0 and (cut < 0 or at < cut):
+                cut = at
+        if cut >= 0:
+            self.text = self.text[:cut]
             self.stopped = True
 
     def delta(self, final: bool = False) -> str:
@@ -131,7 +152,15 @@ class IncrementalDetokenizer:
         return out
 
     def _held_back(self) -> int:
-        for n in range(min(max((len(s) for s in self.stop), default=0), len(self.text)), 0, -1):
-            if any(s.startswith(self.text[-n:]) for s in self.stop):
-                return n
-        return 0
+        """Characters at the end of the text that could still begin a stop string: the longest tail
+        that some stop string starts with (only tails starting with a stop string's first character
+        are tried, so this is a few `find`s per stop string)."""
+        text, longest = self.text, 0
+        for stop in self.stop:
+            at = text.find(stop[0], max(0, len(text) - len(stop)))
+            while at != -1 and len(text) - at > longest:
+                if stop.startswith(text[at:]):
+                    longest = len(text) - at
+                    break
+                at = text.find(stop[0], at + 1)
+        return longest

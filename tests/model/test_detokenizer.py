@@ -107,3 +107,53 @@ def test_stop_at_the_very_start(smol_llm):
     ids = tok.encode(" Hello world", add_special_tokens=False)
     deltas, last, detok = run(tok, ids, tok.encode(PROMPT), stop=["Hel"])
     assert detok.stopped and "".join(deltas) + last == " "
+
+
+# --- random streams (hypothesis) ---------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# ASCII, spaces and newlines, accented Latin, Greek/Cyrillic, CJK, emoji (4-byte UTF-8, often split).
+ALPHABET = st.sampled_from(list("abcXYZ019 ,.!?\n\t") + list("éàüßøñ") + list("ελПж") + list("東京日本語")
+                           + list("🙂🚀✨🎉👩"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from cupaged.model.tokenizer import Tokenizer
+    return Tokenizer(smollm2_dir)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.text(ALPHABET, min_size=0, max_size=12), text=st.text(ALPHABET, min_size=1, max_size=40),
+       fork_at=st.integers(0, 60))
+def test_random_streams_give_the_full_decode(tokenizer, prompt, text, fork_at):
+    """Deltas add up to a full decode of the output ids for random multi-byte text, and a fork taken
+    at any token (as beam search takes them) goes on to give the same text as the original."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt, add_special_tokens=False))
+    out, fork = [], None
+    for i, t in enumerate(ids):
+        if i == fork_at:
+            fork = detok.fork()
+        detok.add(t)
+        if fork is not None:
+            fork.add(t)
+        out.append(detok.delta())
+        assert "\ufffd" not in out[-1]
+    out.append(detok.delta(final=True))
+    assert "".join(out) == detok.text == tokenizer.decode(ids)
+    if fork is not None:
+        assert fork.text == detok.text
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=st.text("ab#<>", max_size=12), stops=st.lists(st.text("ab#<>", min_size=1, max_size=5), min_size=1,
+                                                          max_size=3))
+def test_held_back_tail_is_the_longest_prefix_of_a_stop_string(text, stops):
+    """Against the naive rule: the largest n with text[-n:] a prefix of some stop string."""
+    detok = object.__new__(IncrementalDetokenizer)
+    detok.text, detok.stop, detok.max_stop = text, stops, max(map(len, stops))
+    naive = next((n for n in range(min(detok.max_stop, len(text)), 0, -1)
+                  if any(s.startswith(text[-n:]) for s in stops)), 0)
+    assert detok._held_back() == naive
