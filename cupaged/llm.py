@@ -7,16 +7,23 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Iterator, Sequence
 
 from cupaged.backend.ops import Ops
 from cupaged.config import EngineConfig
 from cupaged.engine.engine import LLMEngine
+from cupaged.engine.output_processor import RequestQueue
 from cupaged.outputs import RequestOutput
 from cupaged.sampling_params import SamplingParams
 
 
 class LLM:
+    """The offline API. Each call's outputs go to that call only (a queue per request), so generate()
+    and any number of interleaved streams can share one engine, and so can threads: every engine call
+    is made under one lock."""
+
     def __init__(self, model: str = EngineConfig.model, backend: str | Ops = "auto", **kwargs):
         """backend: "auto", "cpu", "cuda", or a ready `Ops` instance. kwargs are EngineConfig fields:
         dtype, block_size, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, max_model_len,
@@ -27,30 +34,31 @@ class LLM:
         config = EngineConfig(model=model, backend=ops.name if ops else backend, **kwargs)
         self.engine = LLMEngine(config, ops=ops)
         self.tokenizer = self.engine.tokenizer
+        self._lock = threading.RLock()
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  cache_salt: str | None = None) -> list[RequestOutput]:
         """prompts: a string, token-id dict, or a list of them. Returns one RequestOutput each, in order.
-        cache_salt: for prompts without their own "cache_salt"; different salts never share cached K/V."""
+        cache_salt: for prompts without their own "cache_salt"; different salts never share cached K/V.
+        If anything interrupts it (an exception, KeyboardInterrupt), its requests are aborted."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
-        ids = []
+        final = [dataclasses.replace(p or SamplingParams(), output_kind="final") for p in params_list]
+        queues = [RequestQueue() for _ in prompts]
+        ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params_list):
-                ids.append(self.engine.add_request(None, prompt, p, cache_salt=cache_salt))
-        except Exception:
-            for rid in ids:  # a bad prompt refuses the whole call and leaves nothing queued
-                self.engine.abort(rid)
+            with self._lock:  # a bad prompt refuses the whole call and leaves nothing queued
+                for prompt, p, q in zip(prompts, final, queues):
+                    ids.append(self.engine.add_request(None, prompt, p, cache_salt=cache_salt, queue=q))
+            while not all(q.finished for q in queues):
+                self._step()
+        except BaseException:
+            self._abort(ids, queues)
             raise
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-        return [done[i] for i in ids]
+        return [q.get() for q in queues]
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]."""
@@ -68,16 +76,31 @@ class LLM:
                 yield out.outputs[0].delta
 
     def stream_outputs(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the RequestOutput of one prompt after every step that moved it
-        (`.outputs[i].delta` holds the new text). Closing early aborts the request."""
-        rid = self.engine.add_request(None, prompt, params)
-        finished = False
+        """Yield the RequestOutput of one prompt after every step that moved it (`.outputs[i].delta`
+        holds the new text), ending with its finished one, also when it is aborted elsewhere
+        (finish_reason "abort"). Closing early aborts the request."""
+        queue = RequestQueue()
+        with self._lock:
+            rid = self.engine.add_request(None, prompt, params, queue=queue)
         try:
-            while not finished:
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        finished = out.finished
-                        yield out
+            while True:
+                out = queue.get()
+                if out is None:
+                    self._step()
+                    continue
+                yield out
+                if out.finished:
+                    return
         finally:
-            if not finished:
-                self.engine.abort(rid)
+            if not queue.finished:
+                self._abort([rid], [queue])
+
+    def _step(self) -> None:
+        with self._lock:
+            self.engine.step()  # the requests of LLM's callers have queues: step() returns nothing of theirs
+
+    def _abort(self, ids: list[str], queues: list[RequestQueue]) -> None:
+        with self._lock:
+            for rid, q in zip(ids, queues):
+                if not q.finished:
+                    self.engine.abort(rid)

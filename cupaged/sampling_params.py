@@ -43,7 +43,12 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | str = False    # True | False | "never" (beam search only)
+    # What each RequestOutput holds: "cumulative" (all so far, every step), "delta" (only what is new,
+    # every step) or "final" (one output, at the end). LLM.generate asks for "final".
+    output_kind: str = "cumulative"
     stop_strings: list[str] = field(init=False, repr=False)
+    # (temperature, top_p, top_k, needs the host path, seeded), packed once for the sampler's fast path
+    packed: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +64,9 @@ class SamplingParams:
             self._validate_beam_search()
         else:
             self._validate_sampling()
+        needs_host = (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+                      or self.min_p > 0.0 or self.logprobs is not None)
+        self.packed = (float(self.temperature), float(self.top_p), int(self.top_k), needs_host, self.seed is not None)
 
     def _validate(self) -> None:
         def bad(msg: str) -> None:
@@ -86,6 +94,8 @@ class SamplingParams:
             bad(f"logprobs must be >= 0, got {self.logprobs}")
         if self.best_of < self.n:
             bad(f"best_of must be >= n, got best_of {self.best_of} with n {self.n}")
+        if self.output_kind not in ("cumulative", "delta", "final"):
+            bad(f"output_kind must be 'cumulative', 'delta' or 'final', got {self.output_kind!r}")
 
     def _validate_beam_search(self) -> None:
         def bad(msg: str) -> None:

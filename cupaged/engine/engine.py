@@ -1,14 +1,22 @@
 """LLMEngine: add_request / step / abort, the loop that apps drive themselves.
 
-Each step: the scheduler picks tokens per sequence, the runner computes them, the sampler
-picks next tokens for sequences that reached their end, and finished sequences give their
-blocks back. Bad requests are refused in add_request with an InvalidRequestError, before
-anything is queued, so the requests already running never notice.
+Each step: the scheduler picks tokens per sequence (an immutable `ScheduledBatch`, which also fixes
+the rows that sample), the runner computes them, and `update_from_output`, the one home of post-step
+bookkeeping, advances each sequence, names its newly full blocks for the prefix cache, forks the
+siblings of a request's first token, samples, appends, and finishes and frees what ended (stop
+tokens, length). It emits compact `CoreOutput`s for what moved; the `OutputProcessor`
+(engine/output_processor.py) turns them into text, finishes sequences whose stop string appeared
+(freed in the same step), and delivers `RequestOutput`s to the caller that owns each request.
+Bad requests are refused in add_request with an InvalidRequestError, before anything is queued.
 
 Sharing: a request of n > 1 samples prefills once. Only its first sequence is queued; at the
 step where it draws its first token, the other n - 1 fork from it (sharing every prompt
 block) and draw theirs from the same logits row, each with its own generator. A beam-search
 request (engine/beam.py) forks and frees beams every step the same way.
+
+Threads: an LLMEngine is driven by one thread at a time; nothing in it takes a lock. `LLM`
+serializes its own calls with a lock, so several threads may share one `LLM`; a server runs the
+step loop in one thread and hands add_request / abort to it (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -22,16 +30,17 @@ from cupaged.config import EngineConfig
 from cupaged.engine.beam import BeamSearch, log_softmax
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner, profile_forward
+from cupaged.engine.output_processor import CoreOutput, OutputProcessor, RequestQueue
 from cupaged.engine.prefix_cache import PrefixCacheStats
 from cupaged.engine.sampler import Sampler
-from cupaged.engine.scheduler import Scheduler
+from cupaged.engine.scheduler import ScheduledBatch, Scheduler
 from cupaged.engine.sequence import Sequence
 from cupaged.errors import InvalidRequestError, OutOfMemoryError
 from cupaged.model.config import ModelConfig
 from cupaged.model.llama import LlamaModel
 from cupaged.model.loader import load_model_weights
 from cupaged.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from cupaged.outputs import CompletionOutput, RequestOutput
+from cupaged.outputs import RequestOutput
 from cupaged.sampling_params import SamplingParams
 from cupaged.weights.store import resolve_model
 
@@ -40,11 +49,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Request:
+    """The core's side of a request: its sequences (the output side lives in the OutputProcessor)."""
+
     request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
     seqs: list[Sequence]                # the n samples: seqs[0] prefills, the others fork from it
-    detoks: list[IncrementalDetokenizer]
     search: BeamSearch | None = None    # beam search: its live beams and finished hypotheses
 
     def live_seqs(self) -> list[Sequence]:
@@ -75,6 +83,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.ops)
         self.eos_token_ids = set(cfg.eos_token_ids) | self.tokenizer.eos_token_ids
         self.requests: dict[str, Request] = {}
+        self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         logger.info("engine ready: %s on %s, %d KV blocks (%d tokens), max_model_len %d",
                     cfg.model_type, self.ops.name, num_blocks, num_blocks * config.block_size, self.max_model_len)
@@ -114,13 +123,14 @@ class LLMEngine:
 
     # --- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
-                    cache_salt: str | None = None) -> str:
+                    cache_salt: str | None = None, queue: RequestQueue | None = None) -> str:
         """Queue a prompt (text, token ids, or {"prompt": ..., "prompt_token_ids": [...], "cache_salt": ...}).
         Requests with different cache salts (the dict's own, else `cache_salt`) never share cached
-        K/V blocks. Returns the request id."""
+        K/V blocks. With a `queue`, the request's outputs go there and only there; without one, step()
+        returns them. Returns the request id."""
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self.requests:
+        if request_id in self.requests or self.outputs.has(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if params.best_of > self.config.max_num_seqs:
             raise InvalidRequestError(f"n / best_of {params.best_of} is more sequences than max_num_seqs "
@@ -130,11 +140,11 @@ class LLMEngine:
         logger.debug("request %s: %d prompt tokens", request_id, len(ids))
         seqs = [Sequence(request_id, ids, params, index=i, cache_salt=salt)
                 for i in range(1 if params.use_beam_search else params.n)]
-        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
-                  for _ in seqs]
-        req = self.requests[request_id] = Request(request_id, text, ids, seqs, detoks)
+        req = self.requests[request_id] = Request(request_id, seqs)
         if params.use_beam_search:
-            req.search = BeamSearch(seqs[0], detoks[0], self.eos_token_ids, self.max_model_len)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
+            req.search = BeamSearch(seqs[0], detok, self.eos_token_ids, self.max_model_len)
+        self.outputs.add(request_id, text, ids, params, queue)
         self.scheduler.add(seqs[0])  # the others fork from it at its first token
         return request_id
 
@@ -170,14 +180,20 @@ class LLMEngine:
         return salt
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free every block it holds (device or, if swapped out, host)."""
-        req = self.requests.pop(str(request_id), None)
+        """Stop a request now and free every block it holds (device or, if swapped out, host). A request
+        with a queue gets a last output there, finish_reason "abort"."""
+        request_id = str(request_id)
+        req = self.requests.pop(request_id, None)
         for seq in req.live_seqs() if req else []:
-            self.scheduler.finish(seq, "abort")
-            self.sampler.forget(seq)
+            self._finish(seq, "abort")
+        self.outputs.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def is_finished(self, request_id: str) -> bool:
+        """Whether a request has ended (finished, aborted, or never added): no step will move it."""
+        return str(request_id) not in self.requests
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prefix-cache counters since start-up, in tokens: `.queries` (looked up at admission),
@@ -186,52 +202,85 @@ class LLMEngine:
 
     # --- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the outputs of requests that moved."""
+        """Run one scheduled batch. Returns the outputs of the requests added without a queue that
+        moved; queued requests get theirs in their queue."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             self.runner.move_blocks(batch)  # a step may only swap out (each victim is saved all the same)
-            return []
-        logits = self.runner.run(batch)  # [S, V]: row r for sampled[r]
-        sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+            core = []
+        else:
+            core = self.update_from_output(batch, self.runner.run(batch))
+        returned, stopped = self.outputs.process(core)
+        for request_id, index in stopped:  # a stop string: finished and freed in this same step
+            self._finish(self.requests[request_id].seqs[index], "stop")
+            self._forget_if_done(self.requests[request_id])
+        return returned
+
+    def update_from_output(self, batch: ScheduledBatch, logits) -> list[CoreOutput]:
+        """All post-step bookkeeping, in order: advance what was computed and name newly full blocks,
+        fork the siblings of first tokens, sample, append, finish and free what ended. logits [S, V]:
+        row r for batch.seqs[batch.sample_rows[r]]. Returns what moved."""
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
+        sampled = [batch.seqs[i] for i in batch.sample_rows]
         beams = [r for r, seq in enumerate(sampled) if seq.params.use_beam_search]
-        draws = [r for r, seq in enumerate(sampled) if not seq.params.use_beam_search]
-        moved = self._draw(logits, sampled, draws) + self._search(logits, sampled, beams)
-        return [self._output(self.requests[rid]) for rid in dict.fromkeys(moved)]
+        draws = [r for r, seq in enumerate(sampled) if not seq.params.use_beam_search] if beams else range(len(sampled))
+        return self._draw(logits, sampled, draws) + self._search(logits, sampled, beams)
 
-    def _draw(self, logits, sampled: list[Sequence], rows: list[int]) -> list[str]:
+    def _draw(self, logits, sampled: list[Sequence], rows) -> list[CoreOutput]:
         """Sample the next token of sampled[r] for r in rows; a first token forks the request's siblings,
         which draw from the same row."""
         seqs, picks = [], []
         for r in rows:
-            family = [sampled[r]] + self._fork_siblings(sampled[r])
-            seqs += family
-            picks += [r] * len(family)
+            seq = sampled[r]
+            family = self._fork_siblings(seq) if seq.num_output_tokens == 0 and seq.params.n > 1 else None
+            if family:
+                seqs += family
+                picks += [r] * len(family)
+            else:
+                seqs.append(seq)
+                picks.append(r)
         if not seqs:
             return []
-        if picks != list(range(len(sampled))):
+        if len(picks) != len(sampled) or picks[-1] != len(sampled) - 1:
             logits = self.ops.take_rows(logits, picks)  # [len(seqs), V]
         tokens, logprobs = self.sampler.sample(logits, seqs)
-        for seq, token, lp in zip(seqs, tokens, logprobs):
-            self._append(seq, token, lp)
-        return [seq.request_id for seq in seqs]
+        return [self._append(seq, token, lp) for seq, token, lp in zip(seqs, tokens, logprobs)]
 
     def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
         """At the first token of a request's first sample, the other samples fork from it: they share
-        its prompt blocks (the partly filled last one is copied on its first write)."""
+        its prompt blocks (the partly filled last one is copied on its first write). Returns the family."""
         req = self.requests[seq.request_id]
-        if seq.num_output_tokens or seq is not req.seqs[0]:
+        if seq is not req.seqs[0]:
             return []
         for child in req.seqs[1:]:
             self.block_manager.fork(seq, child)
             self.scheduler.add_running(child)
-        return req.seqs[1:]
+        return req.seqs
 
-    def _search(self, logits, sampled: list[Sequence], rows: list[int]) -> list[str]:
+    def _append(self, seq: Sequence, token: int, logprobs) -> CoreOutput:
+        seq.append_token(token, logprobs)
+        stop_token = self._is_stop_token(seq, token)
+        reason = "stop" if stop_token else self._length_reason(seq)
+        if reason:
+            self._finish(seq, reason)
+            self._forget_if_done(self.requests[seq.request_id])
+        return CoreOutput(seq.request_id, seq.index, [token], None if logprobs is None else [logprobs], reason,
+                          hidden=stop_token,
+                          cumulative_logprob=seq.cumulative_logprob if logprobs is not None else None)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.sampler.forget(seq)
+
+    def _forget_if_done(self, req: Request) -> None:
+        if all(seq.is_finished for seq in req.seqs):
+            self.requests.pop(req.request_id, None)
+
+    def _search(self, logits, sampled: list[Sequence], rows: list[int]) -> list[CoreOutput]:
         """Give beams sampled[r] (r in rows) their next-token log-probs; step every search whose beams
-        all have theirs. Returns the requests whose search ended."""
+        all have theirs. Returns the final outputs of the searches that ended."""
         if not rows:
             return []
         host = self.ops.to_numpy(self.ops.take_rows(logits, rows))
@@ -245,61 +294,37 @@ class LLMEngine:
             if req.search.ready():
                 self._step_search(req)
                 if req.search.done:
-                    done.append(req.request_id)
+                    done.append(self._search_output(req))
         return done
 
     def _step_search(self, req: Request) -> None:
-        go_on, retired = req.search.step(self._update_text)
+        go_on, retired = req.search.step(self._update_beam_text)
         for child, beam in go_on:  # fork before the old beams let go of their blocks
             self.block_manager.fork(beam, child)
             self.scheduler.add_running(child)
         for beam in retired:
             self.scheduler.finish(beam, "beam")
 
-    def _append(self, seq: Sequence, token: int, logprobs) -> None:
-        seq.append_token(token, logprobs)
-        reason = self._update_text(seq, token, self.requests[seq.request_id].detoks[seq.index])
-        if reason:
-            self.scheduler.finish(seq, reason)
-            self.sampler.forget(seq)
+    def _search_output(self, req: Request) -> CoreOutput:
+        """A beam search's one output, when it ends: the best n hypotheses, best first."""
+        p = req.seqs[0].params
+        del self.requests[req.request_id]
+        hypotheses = [(seq.output_token_ids, seq.logprobs if p.logprobs is not None else None,
+                       seq.cumulative_logprob, seq.finish_reason, detok) for seq, detok in req.search.best(p.n)]
+        return CoreOutput(req.request_id, 0, [], hypotheses=hypotheses)
 
-    def _update_text(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
-        """Add the token just appended to seq to its text; return why seq stops, if it does."""
-        if not self._is_stop_token(seq, token):  # as in vLLM, a stop token's text is not returned
-            detok.add(token)
-        return self._finish_reason(seq, token, detok)
-
-    def _finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
-        p = seq.params
-        if self._is_stop_token(seq, token) or detok.stopped:
+    def _update_beam_text(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
+        """Add the token just appended to a beam candidate to its text; return why it stops, if it does."""
+        if self._is_stop_token(seq, token):  # as in vLLM, a stop token's text is not returned
             return "stop"
+        detok.add(token)
+        return "stop" if detok.stopped else self._length_reason(seq)
+
+    def _length_reason(self, seq: Sequence) -> str | None:
+        p = seq.params
         if (p.max_tokens and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         return (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
-
-    def _output(self, req: Request) -> RequestOutput:
-        if req.search:
-            return self._search_output(req)
-        cumulative = req.seqs[0].params.logprobs is not None
-        outs = [CompletionOutput(seq.index, d.text, seq.output_token_ids,
-                                 seq.logprobs if cumulative else None, seq.finish_reason,
-                                 delta=d.delta(final=seq.is_finished),
-                                 cumulative_logprob=seq.cumulative_logprob if cumulative else None)
-                for seq, d in zip(req.seqs, req.detoks)]
-        finished = all(seq.is_finished for seq in req.seqs)
-        if finished:
-            del self.requests[req.request_id]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished)
-
-    def _search_output(self, req: Request) -> RequestOutput:
-        """A beam search's one output, when it ends: the best n hypotheses, best first."""
-        p = req.seqs[0].params
-        outs = [CompletionOutput(i, d.text, seq.output_token_ids, seq.logprobs if p.logprobs is not None else None,
-                                 seq.finish_reason, delta=d.delta(final=True),
-                                 cumulative_logprob=seq.cumulative_logprob)
-                for i, (seq, d) in enumerate(req.search.best(p.n))]
-        del self.requests[req.request_id]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, True)

@@ -1,0 +1,184 @@
+"""The output side of the engine: the core's compact per-step records -> text -> RequestOutputs, each
+delivered to the caller that owns the request.
+
+The engine core emits, per step, a `CoreOutput` only for each sequence that moved: request id, output
+index, the new token ids, their log-probabilities where asked, and the finish reason if it finished.
+`OutputProcessor.process` turns those into text deltas (one DecodeStream step per token, stop strings
+held back and cut), reports the sequences a stop string finishes (the engine frees them in the same
+step), and builds a `RequestOutput` only where its request's `output_kind` asks for one:
+
+- "cumulative" (the default, vLLM's): every step that moved it, all text and token ids so far, `delta`
+  the new text;
+- "delta": every step that moved it, only what is new (`text` = `delta`, `token_ids` the new ids);
+- "final": once, when it finishes.
+
+Routing: a request added with a `RequestQueue` gets its outputs in that queue, and no one else sees them;
+the outputs of requests added without one are returned by `LLMEngine.step()` to whoever called it (an
+app's own add_request / step loop). Abort puts a final output (finish_reason "abort") in the queue, so a
+stream whose request ends anywhere sees it end.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cupaged.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from cupaged.outputs import CompletionOutput, RequestOutput
+from cupaged.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class CoreOutput:
+    """What one sequence did in one step, as the engine core reports it."""
+
+    request_id: str
+    index: int                                   # which of the request's n outputs
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None             # "stop" | "length" | "abort" | None while running
+    hidden: bool = False                         # a stop token: counted, its text not returned
+    cumulative_logprob: float | None = None
+    # beam search, when it ends: its n best hypotheses, best first, as
+    # (token ids, logprobs or None, cumulative log-prob, finish reason, detokenizer holding its text)
+    hypotheses: list[tuple[list[int], list | None, float, str, IncrementalDetokenizer]] | None = None
+
+
+class RequestQueue:
+    """The outputs of one request, in order, for the caller that added it. `finished` is set once the
+    last one is in the queue."""
+
+    def __init__(self):
+        self.outputs: deque[RequestOutput] = deque()
+        self.finished = False
+
+    def put(self, out: RequestOutput) -> None:
+        self.outputs.append(out)
+        self.finished = self.finished or out.finished
+
+    def get(self) -> RequestOutput | None:
+        return self.outputs.popleft() if self.outputs else None
+
+
+@dataclass(slots=True)
+class _Output:
+    """One of a request's n outputs, as its caller sees it."""
+
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    sent_ids: int = 0  # token ids handed out already ("delta")
+
+
+@dataclass(slots=True)
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    kind: str
+    outputs: list[_Output]
+    queue: RequestQueue | None
+
+    @property
+    def finished(self) -> bool:
+        if len(self.outputs) == 1:
+            return self.outputs[0].finish_reason is not None
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.states: dict[str, _RequestState] = {}
+
+    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+            queue: RequestQueue | None) -> None:
+        n = 1 if params.use_beam_search else params.n
+        outs = [_Output(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop_strings,
+                                               params.skip_special_tokens),
+                        logprobs=[] if params.logprobs is not None else None,
+                        cumulative_logprob=0.0 if params.logprobs is not None else None) for _ in range(n)]
+        self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params.output_kind, outs, queue)
+
+    def process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+        """-> (the outputs for step()'s caller, the (request id, index) a stop string finished now)."""
+        moved: dict[str, _RequestState] = {}
+        stopped = []
+        for co in core_outputs:
+            state = self.states[co.request_id]
+            moved[co.request_id] = state
+            if co.hypotheses is not None:
+                self._take_hypotheses(state, co.hypotheses)
+            elif self._take(state.outputs[co.index], co):
+                stopped.append((co.request_id, co.index))
+        returned: list[RequestOutput] = []
+        for state in moved.values():
+            out = self._make(state)
+            if out is not None:
+                self._deliver(state, out, returned)
+        return returned, stopped
+
+    def abort(self, request_id: str) -> None:
+        """End a request: its queue, if it has one, gets a last output (finish_reason "abort" on the
+        outputs not finished yet). A request without a queue gets none, as in vLLM: whoever drives
+        step() aborted it, or can ask `LLMEngine.is_finished`."""
+        state = self.states.pop(request_id, None)
+        if state is None or state.queue is None:
+            return
+        for o in state.outputs:
+            o.finish_reason = o.finish_reason or "abort"
+        state.queue.put(self._build(state, final=True))
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self.states
+
+    # --- internals ------------------------------------------------------------------------------
+    @staticmethod
+    def _take(o: _Output, co: CoreOutput) -> bool:
+        """Add one sequence's new tokens; True if a stop string finishes it now."""
+        o.token_ids += co.new_token_ids
+        if co.new_logprobs is not None and o.logprobs is not None:
+            o.logprobs += co.new_logprobs
+            o.cumulative_logprob = co.cumulative_logprob
+        if not co.hidden:
+            for token in co.new_token_ids:
+                o.detok.add(token)
+        o.finish_reason = co.finish_reason
+        if o.detok.stopped and o.finish_reason is None:
+            o.finish_reason = "stop"
+            return True
+        return False
+
+    def _take_hypotheses(self, state: _RequestState, hypotheses) -> None:
+        state.outputs = [_Output(detok, ids, logprobs, cum, reason)
+                         for ids, logprobs, cum, reason, detok in hypotheses]
+
+    def _make(self, state: _RequestState) -> RequestOutput | None:
+        finished = state.finished
+        if state.kind == "final" and not finished:
+            return None
+        return self._build(state, final=finished)
+
+    def _build(self, state: _RequestState, final: bool) -> RequestOutput:
+        outs = []
+        for i, o in enumerate(state.outputs):
+            delta = o.detok.delta(final=o.finish_reason is not None)
+            if state.kind == "delta":
+                ids, sent, o.sent_ids = o.token_ids[o.sent_ids:], o.sent_ids, len(o.token_ids)
+                logprobs = o.logprobs[sent:] if o.logprobs is not None else None
+                outs.append(CompletionOutput(i, delta, ids, logprobs, o.finish_reason, delta=delta,
+                                             cumulative_logprob=o.cumulative_logprob))
+            else:
+                outs.append(CompletionOutput(i, o.detok.text, list(o.token_ids),
+                                             list(o.logprobs) if o.logprobs is not None else None,
+                                             o.finish_reason, delta=delta, cumulative_logprob=o.cumulative_logprob))
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs, final)
+
+    def _deliver(self, state: _RequestState, out: RequestOutput, returned: list[RequestOutput]) -> None:
+        if out.finished:
+            del self.states[state.request_id]
+        if state.queue is not None:
+            state.queue.put(out)
+        else:
+            returned.append(out)
