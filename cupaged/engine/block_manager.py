@@ -122,6 +122,7 @@ class BlockManager:
         assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
         self.blocks = BlockPool(num_blocks)
+        self._made = self.blocks._made  # every block a table holds is made: the hot paths index this list
         self.free_queue = FreeBlockQueue(self.blocks)
         self.host = HostBlockPool(num_host_blocks)  # the swap pool; empty unless preemption_mode is "swap"
         self.enable_prefix_caching = enable_prefix_caching
@@ -150,6 +151,11 @@ class BlockManager:
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Grow seq's table to hold num_new_tokens more tokens. Returns (src, dst) block
         copies that must run before the step (copy-on-write of a shared block)."""
+        table, bs = seq.block_table, self.block_size
+        index, total = seq.num_computed_tokens // bs, seq.num_computed_tokens + num_new_tokens
+        if (num_new_tokens > 0 and total <= len(table) * bs and self._made[table[index]].ref_cnt == 1
+                and not self.host.num_twins):
+            return []  # the common decode: room in a block of its own, nothing to copy or forget
         assert self.can_append(seq, num_new_tokens), f"not enough free blocks for {seq}"
         copies = []
         if self._first_write_is_shared(seq, num_new_tokens):
@@ -157,6 +163,7 @@ class BlockManager:
             src = self.blocks[seq.block_table[index]]
             dst = self._allocate()
             self._decref(src)
+            seq.block_table = seq.block_table.copy()  # a new list: tables are append-only in place (block_tables.py)
             seq.block_table[index] = dst.block_id
             copies.append((src.block_id, dst.block_id))
         if num_new_tokens > 0:  # blocks written in place no longer match a host twin
@@ -184,7 +191,7 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Drop seq's hold on its blocks; blocks nobody holds go back to the pool."""
         for block_id in reversed(seq.block_table):
-            self._decref(self.blocks[block_id])
+            self._decref(self._made[block_id])
         seq.block_table = []
         for host_id in reversed(seq.host_block_table):  # a swapped-out sequence holds host blocks instead
             self.host.decref(host_id)
@@ -332,7 +339,7 @@ class BlockManager:
         index = seq.num_computed_tokens // self.block_size
         if num_new_tokens <= 0 or index >= len(seq.block_table):
             return False
-        return self.blocks[seq.block_table[index]].ref_cnt > 1
+        return self._made[seq.block_table[index]].ref_cnt > 1
 
     def _allocate(self) -> Block:
         block = self.free_queue.popleft()

@@ -16,6 +16,7 @@ import logging
 import numpy as np
 
 from cupaged.backend.ops import Array, AttnMetadata, Ops
+from cupaged.engine.block_tables import BlockTables
 from cupaged.engine.cuda_graphs import DecodeGraphs, StepInputs
 from cupaged.engine.scheduler import ScheduledBatch
 from cupaged.model.llama import LlamaModel
@@ -30,6 +31,7 @@ class ModelRunner:
         self.model, self.ops, self.block_size = model, ops, block_size
         self.dtype = ops.dtype if dtype is None else dtype  # the backend's compute dtype
         self.kv_caches = self.allocate_kv_caches(num_blocks)
+        self.block_tables = BlockTables()
         self.graphs: DecodeGraphs | None = None
         logger.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
                     2 * cfg.num_layers * self.kv_caches[0][0].nbytes / 2**20)
@@ -85,25 +87,28 @@ class ModelRunner:
         return self._upload(self.plan(batch))
 
     def plan(self, batch: ScheduledBatch) -> StepInputs:
-        """Pack the batch's new tokens and plan attention for every layer (host arrays)."""
-        bs = self.block_size
-        starts = np.array([s.num_computed_tokens for s in batch.seqs], dtype=np.int64)
-        counts = np.array(batch.num_tokens, dtype=np.int64)
+        """Pack the batch's new tokens and plan attention for every layer (host arrays). One Python pass
+        over the sequences reads what only they know; the rest is vectorized NumPy."""
+        bs, seqs = self.block_size, batch.seqs
+        rows = self.block_tables.rows_for(seqs)
+        starts = np.fromiter([s.num_computed_tokens for s in seqs], np.int64, len(seqs))
+        counts = np.asarray(batch.num_tokens, dtype=np.int64)
         ends = starts + counts
-        input_ids = np.concatenate([s.token_ids[a:b] for s, a, b in zip(batch.seqs, starts, ends)]).astype(np.int32)
-        positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = np.full((len(batch.seqs), max_blocks), -1, dtype=np.int32)
-        for row, seq in enumerate(batch.seqs):
-            tables[row, :len(seq.block_table)] = seq.block_table
-        seq_index = np.repeat(np.arange(len(batch.seqs)), counts)
-        slots = tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
-        qsl = np.zeros(len(batch.seqs) + 1, dtype=np.int32)
+        if counts.max() == 1:  # all decodes: one token each, the last one
+            input_ids = np.fromiter([s.token_ids[-1] for s in seqs], np.int32, len(seqs))
+        else:
+            input_ids = np.fromiter((t for s, a, b in zip(seqs, starts.tolist(), ends.tolist())
+                                     for t in s.token_ids[a:b]), np.int32, int(counts.sum()))
+        qsl = np.zeros(len(seqs) + 1, dtype=np.int32)
         np.cumsum(counts, out=qsl[1:])
-        sampled = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+        seq_index = np.repeat(np.arange(len(seqs)), counts)
+        positions = np.arange(len(input_ids), dtype=np.int64) + np.repeat(starts - qsl[:-1], counts)
+        max_blocks = -(-int(ends.max()) // bs)  # the blocks that hold a context (a table may hold no more)
+        tables = self.block_tables.gather(rows, max_blocks)
+        slots = tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         i32 = np.int32
         return StepInputs(input_ids, positions.astype(i32), slots.astype(i32), tables, ends.astype(i32), qsl,
-                          (qsl[1:][sampled] - 1).astype(i32), int(counts.max()), int(ends.max()))
+                          (qsl[1:][list(batch.sample_rows)] - 1).astype(i32), int(counts.max()), int(ends.max()))
 
     def _upload(self, step: StepInputs) -> tuple[Array, AttnMetadata]:
         """All of a step's int32 metadata in ONE host->device copy, then split into views

@@ -18,13 +18,6 @@ import numpy as np
 
 from cupaged.backend.ops import Ops
 from cupaged.engine.sequence import Sequence
-from cupaged.sampling_params import SamplingParams
-
-
-def needs_host(p: SamplingParams) -> bool:
-    """Whether a request needs the host path: penalties, min-p or log-probabilities."""
-    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
-            or p.min_p > 0.0 or p.logprobs is not None)
 
 
 class Sampler:
@@ -41,7 +34,7 @@ class Sampler:
         (token ids [B], logprobs per row or None)."""
         if self.ops is None:
             return self.sample_on_host(np.asarray(logits, dtype=np.float32), seqs)
-        on_host = [i for i, seq in enumerate(seqs) if needs_host(seq.params)]
+        on_host = [i for i, seq in enumerate(seqs) if seq.params.packed[3]]
         if not on_host:
             return self.sample_on_device(logits, seqs), [None] * len(seqs)
         if len(on_host) == len(seqs):
@@ -62,21 +55,24 @@ class Sampler:
         return tokens, logprobs
 
     def sample_on_device(self, logits, seqs: list[Sequence]) -> list[int]:
-        """The fast path: per-row parameters and uniforms from the host, `ops.sample` on the backend,
-        one device -> host copy of the int32 token ids."""
+        """The fast path: per-row parameters (packed once per request, `SamplingParams.packed`) and
+        uniforms from the host, `ops.sample` on the backend, one device -> host copy of the token ids."""
         n = len(seqs)
-        temperature = np.zeros(n, np.float32)
-        top_p = np.ones(n, np.float32)
-        top_k = np.full(n, -1, np.int32)
+        packed = np.array([seq.params.packed[:3] for seq in seqs], dtype=np.float64).reshape(n, 3)
+        temperature = packed[:, 0].astype(np.float32)
         uniform = np.zeros(n, np.float32)
-        for row, seq in enumerate(seqs):
-            p = seq.params
-            if p.greedy:
-                continue  # temperature 0: the argmax, and no draw from the generator
-            temperature[row], top_p[row], top_k[row] = p.temperature, p.top_p, p.top_k
-            uniform[row] = self._rng_for(seq).random(dtype=np.float32)  # in [0, 1)
-        if temperature.any():  # some row draws: its parameters go to the backend in one copy
+        draws = np.flatnonzero(temperature > 0)
+        if draws.size:  # some row draws: its parameters go to the backend in one copy
+            seeded = [i for i in draws.tolist() if seqs[i].params.packed[4]]
+            shared = draws if not seeded else np.setdiff1d(draws, seeded)
+            uniform[shared] = self._rng.random(shared.size, dtype=np.float32)  # in [0, 1)
+            for i in seeded:
+                uniform[i] = self._rng_for(seqs[i]).random(dtype=np.float32)
+            top_p = np.where(temperature > 0, packed[:, 1], 1.0).astype(np.float32)
+            top_k = np.where(temperature > 0, packed[:, 2], -1).astype(np.int32)
             temperature, top_k, top_p, uniform = self._upload_params(temperature, top_k, top_p, uniform)
+        else:
+            top_p, top_k = np.ones(n, np.float32), np.full(n, -1, np.int32)
         tokens = self.ops.sample(logits, temperature, top_k, top_p, uniform)
         return np.asarray(self.ops.to_numpy(tokens)).tolist()
 

@@ -39,9 +39,10 @@ from cupaged.engine.sequence import Sequence, SequenceStatus
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduledBatch:
-    """The scheduler's decision for one step."""
+    """The scheduler's decision for one step, fixed when it is made: which sequences compute how many
+    tokens, which of them sample (reach their last token), and the block moves to run first."""
 
     seqs: list[Sequence]                 # in the order their tokens are packed
     num_tokens: list[int]                # tokens each computes this step
@@ -49,6 +50,12 @@ class ScheduledBatch:
     # Run before the step, in this order: swap-outs (device, host), swap-ins (host, device), copies.
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    sample_rows: tuple[int, ...] = field(init=False)  # indices into seqs of the sequences that sample
+
+    def __post_init__(self) -> None:
+        rows = tuple(i for i, (seq, n) in enumerate(zip(self.seqs, self.num_tokens))
+                     if seq.num_computed_tokens + n == len(seq.token_ids))
+        object.__setattr__(self, "sample_rows", rows)
 
     @property
     def total_tokens(self) -> int:
@@ -56,8 +63,21 @@ class ScheduledBatch:
 
     def samples(self, i: int) -> bool:
         """Does sequence i reach its last token this step (so a token is sampled)?"""
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_tokens[i] == seq.num_tokens
+        return i in self.sample_rows
+
+
+class _Plan:
+    """A step's decision while the scheduler makes it (ScheduledBatch is the finished record)."""
+
+    __slots__ = ("seqs", "num_tokens", "blocks_to_copy", "blocks_to_swap_out", "blocks_to_swap_in", "ids")
+
+    def __init__(self):
+        self.seqs, self.num_tokens, self.ids = [], [], set()
+        self.blocks_to_copy, self.blocks_to_swap_out, self.blocks_to_swap_in = [], [], []
+
+    def batch(self) -> ScheduledBatch:
+        return ScheduledBatch(self.seqs, self.num_tokens, self.blocks_to_copy, self.blocks_to_swap_out,
+                              self.blocks_to_swap_in)
 
 
 class Scheduler:
@@ -88,7 +108,7 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch([], [])
+        batch = _Plan()
         num_preemptions = self.num_preemptions
         budget = self._schedule_decodes(batch, self.max_num_batched_tokens)
         budget = self._schedule_prefill_chunks(batch, budget)
@@ -99,11 +119,11 @@ class Scheduler:
         if not batch.seqs and self.running and self.waiting and not self.swapped:  # all wait on a sibling
             self._make_room(budget)
             self._schedule_waiting(batch, budget)
-        return batch
+        return batch.batch()
 
-    def _schedule_decodes(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_decodes(self, batch: _Plan, budget: int) -> int:
         """One token each for running sequences that decode, preempting the newest for blocks."""
-        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
+        for seq in [s for s in self.running if s.num_computed_tokens + 1 == len(s.token_ids)]:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted below, as a victim
@@ -117,7 +137,7 @@ class Scheduler:
                 budget -= self._take(batch, seq, 1)
         return budget
 
-    def _schedule_prefill_chunks(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_prefill_chunks(self, batch: _Plan, budget: int) -> int:
         """A chunk each for running sequences still in prefill, from what the decodes left."""
         for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
             if budget == 0:
@@ -129,7 +149,7 @@ class Scheduler:
                 continue
             while not self.block_manager.can_append(seq, n):
                 victim = self.running[-1]
-                if victim in batch.seqs:  # scheduled this step: the chunk waits, and so do newcomers
+                if victim.seq_id in batch.ids:  # scheduled this step: the chunk waits, and so do newcomers
                     return 0
                 self._preempt(victim, batch)
                 if victim is seq:
@@ -138,7 +158,9 @@ class Scheduler:
                 budget -= self._take(batch, seq, n)
         return budget
 
-    def _schedule_swapped(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_swapped(self, batch: _Plan, budget: int) -> int:
+        if not self.swapped:
+            return budget
         seats = sum(seq.num_seats for seq in self.running)
         while self.swapped and budget > 0 and seats + self.swapped[0].num_seats <= self.max_num_seqs:
             seq = self.swapped[0]
@@ -154,7 +176,9 @@ class Scheduler:
             budget -= self._take(batch, seq, n)
         return budget
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _schedule_waiting(self, batch: _Plan, budget: int) -> None:
+        if not self.waiting:
+            return
         first_prompt = True
         seats = sum(seq.num_seats for seq in self.running)  # a prompt of n samples needs n places
         while self.waiting and budget > 0 and seats + self.waiting[0].num_seats <= self.max_num_seqs:
@@ -196,13 +220,14 @@ class Scheduler:
         self.block_manager.cancel_reuse(seq)
         return None
 
-    def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
+    def _take(self, batch: _Plan, seq: Sequence, n: int) -> int:
         batch.blocks_to_copy += self.block_manager.append_slots(seq, n)
         batch.seqs.append(seq)
         batch.num_tokens.append(n)
+        batch.ids.add(seq.seq_id)
         return n
 
-    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+    def _preempt(self, seq: Sequence, batch: _Plan) -> None:
         """Swap seq out (preemption_mode "swap", room on the host) or preempt it by recompute. A beam
         waiting on its siblings is never swapped: preempt drops it (its forks recompute)."""
         if self.preemption_mode == "swap" and seq.num_uncomputed_tokens > 0:
@@ -213,7 +238,7 @@ class Scheduler:
                         self.block_manager.host.num_free_blocks)
         self.preempt(seq)
 
-    def swap_out(self, seq: Sequence, batch: ScheduledBatch) -> None:
+    def swap_out(self, seq: Sequence, batch: _Plan) -> None:
         """Move seq's KV to host memory (the copies join batch) and queue it to come back first."""
         logger.info("preempting %s (swap out %d blocks)", seq.request_id, len(seq.block_table))
         self.running.remove(seq)

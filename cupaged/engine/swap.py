@@ -88,6 +88,11 @@ class HostBlockPool:
         self._host_of[device_id] = host_id
         self._device_of[host_id] = device_id
 
+    @property
+    def num_twins(self) -> int:
+        """Device blocks that have a valid host twin now."""
+        return len(self._host_of)
+
     def forget_device(self, device_id: int) -> None:
         """The device block is freed or about to be written: its host twin no longer matches it."""
         host_id = self._host_of.pop(device_id, None)
