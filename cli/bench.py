@@ -170,6 +170,7 @@ def startup(model, backend, repeats):
 from cupaged.cli.bench_kernels import kernels  # noqa: E402  (registers `cupaged bench kernels`)
 from cupaged.cli.bench_latency import chunked, latency  # noqa: E402
 from cupaged.cli.bench_memory import memory  # noqa: E402
+from cupaged.cli.bench_overhead import overhead  # noqa: E402
 
-for command in (latency, chunked, memory, kernels):
+for command in (latency, chunked, memory, kernels, overhead):
     bench.add_command(command)

@@ -1,8 +1,8 @@
 """A model with SmolLM2-135M's shape and real tokenizer but random weights, made where it runs, so a
 GPU machine needs no weights carried to it: only config.json and the tokenizer files (~3.5 MB).
 
-    python3 -m tests.gpu.random_model TOKENIZER_DIR OUT_DIR     # TOKENIZER_DIR: config + tokenizer files
-    python3 -m tests.gpu.random_model --export MODEL_DIR OUT    # here: copy those files out of a model
+    python3 -m cupaged.weights.random_model TOKENIZER_DIR OUT_DIR     # TOKENIZER_DIR: config + tokenizer files
+    python3 -m cupaged.weights.random_model --export MODEL_DIR OUT    # here: copy those files out of a model
 
 Weights are float32 safetensors under the names of a converted model (weights/convert_gguf.py), drawn
 from a fixed seed: matrices N(0, 0.05^2), norm weights uniform in [0.5, 1.5).
@@ -46,15 +46,17 @@ def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build_random_model(files_dir: Path, out_dir: Path, seed: int = 0) -> Path:
-    """out_dir with files_dir's config and tokenizer and random weights of that config's shape."""
+def build_random_model(files_dir: Path, out_dir: Path, seed: int = 0, overrides: dict | None = None) -> Path:
+    """out_dir with files_dir's config (with `overrides`, e.g. {"num_hidden_layers": 1}) and tokenizer, and
+    random weights of that config's shape."""
     from safetensors.numpy import save_file
 
     files_dir, out_dir = Path(files_dir), Path(out_dir)
     if (out_dir / "model.safetensors").is_file():
         return out_dir
     export_files(files_dir, out_dir)
-    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg = json.loads((out_dir / "config.json").read_text()) | (overrides or {})
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, shape in weight_shapes(cfg).items():

@@ -11,7 +11,7 @@
 - CUDA graphs on and off give identical tokens.
 
 The engine tests past the tiny model run on a model of SmolLM2's shape with random weights and its real
-tokenizer (tests/gpu/random_model.py), built on the machine from the files CUPAGED_GPU_MODEL_FILES names
+tokenizer (weights/random_model.py), built on the machine from the files CUPAGED_GPU_MODEL_FILES names
 (config.json and tokenizer files, carried by scripts/gpu_suite.sh) or from a converted SmolLM2 here;
 only test_smollm2_matches_cpu needs the real weights. Every engine gets a fixed KV pool (KV_BYTES), so
 no test's pool depends on what an earlier test left on the device; the one that sizes its pool from
@@ -58,7 +58,7 @@ def smol_dir():
 @pytest.fixture(scope="module")
 def shaped_dir(tmp_path_factory):
     """SmolLM2's shape and tokenizer, random weights: from CUPAGED_GPU_MODEL_FILES, else a local SmolLM2."""
-    from tests.gpu.random_model import build_random_model
+    from cupaged.weights.random_model import build_random_model
     files = os.environ.get("CUPAGED_GPU_MODEL_FILES")
     if not files:
         from cupaged.weights.catalog import DEFAULT_MODEL

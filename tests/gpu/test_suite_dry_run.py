@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_dry_run_passes_every_stage(tmp_path, smollm2_dir):
-    from tests.gpu.random_model import export_files
+    from cupaged.weights.random_model import export_files
     carry = tmp_path / "carry"
     export_files(smollm2_dir, carry / "smollm2-files")
     (carry / "wheels").mkdir()
