@@ -10,5 +10,5 @@ CARRY=${CARRY:-.gpu-carry}
 mkdir -p "$CARRY/wheels"
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/wheels" gguf hypothesis attrs sortedcontainers
 model=$("$PY" -c "from cupaged.weights.store import resolve_model; print(resolve_model('smollm2-135m-instruct'))")
-"$PY" -m tests.gpu.random_model --export "$model" "$CARRY/smollm2-files" >/dev/null
+"$PY" -m cupaged.weights.random_model --export "$model" "$CARRY/smollm2-files" >/dev/null
 du -sh "$CARRY"

@@ -84,7 +84,7 @@ except Exception as e:
         echo "no $CUPAGED_GPU_MODEL_FILES: run scripts/gpu_carry.sh here and carry $CARRY"
         return 2
     fi
-    "$PY" -m tests.gpu.random_model "$CUPAGED_GPU_MODEL_FILES" "${TMPDIR:-/tmp}/cupaged-random-smollm2"
+    "$PY" -m cupaged.weights.random_model "$CUPAGED_GPU_MODEL_FILES" "${TMPDIR:-/tmp}/cupaged-random-smollm2"
 }
 
 setup_stage() {
