@@ -230,14 +230,14 @@ def null_device_row(model_dir: Path, n: int, steps: int) -> dict:
         seqs.append(seq)
     batch = ScheduledBatch(seqs, [1] * n)
     times, launches = [], []
-    for _ in range(steps + 2):
+    for _ in range(steps + 5):
         device.launches = 0
         t0 = time.perf_counter()
         ids, meta = runner.prepare(batch)
         model.forward(ids, meta, runner.kv_caches)
         times.append(time.perf_counter() - t0)
         launches.append(device.launches)
-    times = times[2:]
+    times = times[5:]  # warm-up
     med = statistics.median(times)
     return {"row": f"CudaOps on a null device, {n} decodes, 30 layers", "running": n,
             "launches_per_step": launches[-1], "ms_per_step": med * 1e3,
@@ -287,7 +287,7 @@ def overhead(running, steps, as_json):
         model_dir = stub_model_dir(Path(tmp))
         rows = decode_rows(model_dir, counts, steps)
         rows.append(mixed_row(model_dir, max(c for c in counts if c <= 256) if min(counts) <= 256 else counts[0], steps))
-        rows += [null_device_row(model_dir, n, steps) for n in (1, min(256, max(counts)))]
+        rows += [null_device_row(model_dir, n, steps) for n in sorted({1, min(256, max(counts))})]
     if as_json:
         click.echo(json.dumps({"machine": machine_name(), "rows": rows}))
     else:

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cupaged.backend.cupy_device import CupyDevice
-from cupaged.backend.kernels import Device, launch
+from cupaged.backend.kernels import Device, Kernel, launch
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 
 logger = logging.getLogger(__name__)
@@ -91,19 +91,25 @@ class CudaOps(Ops):
             raise ValueError(f"partition_size must be positive, got {partition_size}")
         self.device = device if device is not None else CupyDevice()
         self.xp = self.device.xp
+        self._array_type = self.xp.ndarray  # the checks' fast path: an exact device array
         self.bf16 = dtype == BFLOAT16
         self.dtype = BFLOAT16 if self.bf16 else np.dtype(np.float16)
         self.storage = np.dtype(np.uint16 if self.bf16 else np.float16)  # what the arrays hold
         self.itemsize = 2
         self.sfx = "bf16" if self.bf16 else "f16"
         self.partition_size = int(partition_size)
+        self._kernels: dict[tuple[str, str], Kernel] = {}
 
     def _kernel(self, file: str, name: str):
-        return self.device.kernel(file, name)
+        """The Kernel handle of file's entry point name, made once (a step asks for ~300)."""
+        kernel = self._kernels.get((file, name))
+        if kernel is None:
+            kernel = self._kernels[(file, name)] = self.device.kernel(file, name)
+        return kernel
 
     # --- checks (shapes and dtypes only: never values) ------------------------------------
     def _check(self, what: str, a, ndim: int, dtype=None, shape: tuple | None = None) -> None:
-        if not self.device.is_array(a):
+        if type(a) is not self._array_type and not self.device.is_array(a):
             raise TypeError(f"{what}: expected a {self.xp.__name__} array, got {type(a).__module__}.{type(a).__name__}")
         if a.ndim != ndim:
             raise ValueError(f"{what}: expected {ndim} dimensions, got shape {a.shape}")
@@ -398,7 +404,7 @@ class CudaOps(Ops):
 
     def _param(self, what: str, a, dtype, n: int):
         """A per-row parameter [n] as a device array (host values are copied over)."""
-        if not self.device.is_array(a):
+        if type(a) is not self._array_type and not self.device.is_array(a):
             a = self.xp.asarray(np.ascontiguousarray(a, dtype=dtype))
         self._check(what, a, 1, dtype, (n,))
         return a

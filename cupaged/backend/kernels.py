@@ -128,6 +128,10 @@ class Graph:
 
 
 def _dim3(v, what: str) -> tuple[int, int, int]:
+    if type(v) is tuple and 1 <= len(v) <= 3:  # the usual launch: a tuple of positive Python ints
+        x, y, z = v + (1,) * (3 - len(v))
+        if type(x) is int and type(y) is int and type(z) is int and x >= 1 and y >= 1 and z >= 1:
+            return (x, y, z)
     t = (v,) if isinstance(v, (int, np.integer)) else tuple(v)
     if not 1 <= len(t) <= 3 or not all(isinstance(x, (int, np.integer)) and x >= 1 for x in t):
         raise ValueError(f"{what} must be 1 to 3 positive ints, got {v!r}")
@@ -148,8 +152,9 @@ def launch(kernel: Kernel, *, grid, block, args, shared_mem: int = 0) -> None:
     if not 0 <= shared_mem <= dev.max_shared_mem:
         raise ValueError(f"{kernel.name}: {shared_mem} B of dynamic shared memory; the device allows "
                          f"{dev.max_shared_mem} B")
+    array = dev.xp.ndarray
     for i, a in enumerate(args):
-        if a is None or dev.is_array(a):
+        if a is None or type(a) in SCALARS or type(a) is array or dev.is_array(a):
             continue
         if type(a) not in SCALARS:
             raise TypeError(f"{kernel.name}: argument {i} is {type(a).__name__} {a!r}; pass device arrays or "

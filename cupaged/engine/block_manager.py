@@ -151,11 +151,8 @@ class BlockManager:
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Grow seq's table to hold num_new_tokens more tokens. Returns (src, dst) block
         copies that must run before the step (copy-on-write of a shared block)."""
-        table, bs = seq.block_table, self.block_size
-        index, total = seq.num_computed_tokens // bs, seq.num_computed_tokens + num_new_tokens
-        if (num_new_tokens > 0 and total <= len(table) * bs and self._made[table[index]].ref_cnt == 1
-                and not self.host.num_twins):
-            return []  # the common decode: room in a block of its own, nothing to copy or forget
+        if self.fits_in_place(seq, num_new_tokens):
+            return []
         assert self.can_append(seq, num_new_tokens), f"not enough free blocks for {seq}"
         copies = []
         if self._first_write_is_shared(seq, num_new_tokens):
@@ -173,6 +170,14 @@ class BlockManager:
         while len(seq.block_table) * self.block_size < total:
             seq.block_table.append(self._allocate().block_id)
         return copies
+
+    def fits_in_place(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """The common decode: seq's own last block has room for the new tokens, so append_slots has
+        nothing to allocate, copy or forget (no host twins exist)."""
+        table, bs = seq.block_table, self.block_size
+        computed = seq.num_computed_tokens
+        return (0 < num_new_tokens and computed + num_new_tokens <= len(table) * bs
+                and self._made[table[computed // bs]].ref_cnt == 1 and not self.host.num_twins)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let child share all of parent's blocks (prompt sharing for n > 1). Fork between steps:

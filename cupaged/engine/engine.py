@@ -220,9 +220,11 @@ class LLMEngine:
         """All post-step bookkeeping, in order: advance what was computed and name newly full blocks,
         fork the siblings of first tokens, sample, append, finish and free what ended. logits [S, V]:
         row r for batch.seqs[batch.sample_rows[r]]. Returns what moved."""
+        bm, bs = self.block_manager, self.block_manager.block_size
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
+            if seq.num_computed_tokens // bs > seq.num_cached_blocks:  # a block became full
+                bm.cache_full_blocks(seq)
         sampled = [batch.seqs[i] for i in batch.sample_rows]
         beams = [r for r, seq in enumerate(sampled) if seq.params.use_beam_search]
         draws = [r for r, seq in enumerate(sampled) if not seq.params.use_beam_search] if beams else range(len(sampled))
@@ -266,9 +268,9 @@ class LLMEngine:
         if reason:
             self._finish(seq, reason)
             self._forget_if_done(self.requests[seq.request_id])
-        return CoreOutput(seq.request_id, seq.index, [token], None if logprobs is None else [logprobs], reason,
-                          hidden=stop_token,
-                          cumulative_logprob=seq.cumulative_logprob if logprobs is not None else None)
+        if logprobs is None:  # positional: keyword arguments cost a dataclass twice the time
+            return CoreOutput(seq.request_id, seq.index, [token], None, reason, stop_token)
+        return CoreOutput(seq.request_id, seq.index, [token], [logprobs], reason, stop_token, seq.cumulative_logprob)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -321,10 +323,11 @@ class LLMEngine:
         return "stop" if detok.stopped else self._length_reason(seq)
 
     def _length_reason(self, seq: Sequence) -> str | None:
-        p = seq.params
-        if (p.max_tokens and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+        n, max_tokens = len(seq.token_ids), seq.params.max_tokens
+        if (max_tokens and n - seq.num_prompt_tokens >= max_tokens) or n >= self.max_model_len:
             return "length"
         return None
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
-        return (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
+        p = seq.params
+        return (token in self.eos_token_ids and not p.ignore_eos) or (bool(p.stop_token_ids) and token in p.stop_token_ids)

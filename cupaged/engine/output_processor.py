@@ -105,8 +105,9 @@ class OutputProcessor:
         """-> (the outputs for step()'s caller, the (request id, index) a stop string finished now)."""
         moved: dict[str, _RequestState] = {}
         stopped = []
+        states = self.states
         for co in core_outputs:
-            state = self.states[co.request_id]
+            state = states[co.request_id]
             moved[co.request_id] = state
             if co.hypotheses is not None:
                 self._take_hypotheses(state, co.hypotheses)
@@ -114,9 +115,16 @@ class OutputProcessor:
                 stopped.append((co.request_id, co.index))
         returned: list[RequestOutput] = []
         for state in moved.values():
-            out = self._make(state)
-            if out is not None:
-                self._deliver(state, out, returned)
+            finished = state.finished
+            if state.kind == "final" and not finished:
+                continue
+            out = self._build(state, finished)
+            if finished:
+                del states[state.request_id]
+            if state.queue is not None:
+                state.queue.put(out)
+            else:
+                returned.append(out)
         return returned, stopped
 
     def abort(self, request_id: str) -> None:
@@ -142,8 +150,9 @@ class OutputProcessor:
             o.logprobs += co.new_logprobs
             o.cumulative_logprob = co.cumulative_logprob
         if not co.hidden:
+            add = o.detok.add
             for token in co.new_token_ids:
-                o.detok.add(token)
+                add(token)
         o.finish_reason = co.finish_reason
         if o.detok.stopped and o.finish_reason is None:
             o.finish_reason = "stop"
@@ -154,12 +163,6 @@ class OutputProcessor:
         state.outputs = [_Output(detok, ids, logprobs, cum, reason)
                          for ids, logprobs, cum, reason, detok in hypotheses]
 
-    def _make(self, state: _RequestState) -> RequestOutput | None:
-        finished = state.finished
-        if state.kind == "final" and not finished:
-            return None
-        return self._build(state, final=finished)
-
     def _build(self, state: _RequestState, final: bool) -> RequestOutput:
         outs = []
         for i, o in enumerate(state.outputs):
@@ -167,18 +170,9 @@ class OutputProcessor:
             if state.kind == "delta":
                 ids, sent, o.sent_ids = o.token_ids[o.sent_ids:], o.sent_ids, len(o.token_ids)
                 logprobs = o.logprobs[sent:] if o.logprobs is not None else None
-                outs.append(CompletionOutput(i, delta, ids, logprobs, o.finish_reason, delta=delta,
-                                             cumulative_logprob=o.cumulative_logprob))
+                outs.append(CompletionOutput(i, delta, ids, logprobs, o.finish_reason, delta, o.cumulative_logprob))
             else:
                 outs.append(CompletionOutput(i, o.detok.text, list(o.token_ids),
                                              list(o.logprobs) if o.logprobs is not None else None,
-                                             o.finish_reason, delta=delta, cumulative_logprob=o.cumulative_logprob))
+                                             o.finish_reason, delta, o.cumulative_logprob))
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs, final)
-
-    def _deliver(self, state: _RequestState, out: RequestOutput, returned: list[RequestOutput]) -> None:
-        if out.finished:
-            del self.states[state.request_id]
-        if state.queue is not None:
-            state.queue.put(out)
-        else:
-            returned.append(out)

@@ -28,6 +28,8 @@ class Sampler:
         self._rng = np.random.default_rng(seed)
         self._seq_rngs: dict[int, np.random.Generator] = {}
         self.ops = ops
+        self._rows_key: list[int] | None = None  # the sequences _rows_value was packed for
+        self._rows_value: tuple = ()
 
     def sample(self, logits, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [B, V] (a backend array, or a host array), one row per sequence ->
@@ -58,23 +60,34 @@ class Sampler:
         """The fast path: per-row parameters (packed once per request, `SamplingParams.packed`) and
         uniforms from the host, `ops.sample` on the backend, one device -> host copy of the token ids."""
         n = len(seqs)
-        packed = np.array([seq.params.packed[:3] for seq in seqs], dtype=np.float64).reshape(n, 3)
-        temperature = packed[:, 0].astype(np.float32)
-        uniform = np.zeros(n, np.float32)
-        draws = np.flatnonzero(temperature > 0)
-        if draws.size:  # some row draws: its parameters go to the backend in one copy
-            seeded = [i for i in draws.tolist() if seqs[i].params.packed[4]]
-            shared = draws if not seeded else np.setdiff1d(draws, seeded)
+        temperature, top_p, top_k, shared, seeded = self._rows(seqs)
+        if shared.size or seeded:  # some row draws: its parameters go to the backend in one copy
+            uniform = np.zeros(n, np.float32)
             uniform[shared] = self._rng.random(shared.size, dtype=np.float32)  # in [0, 1)
             for i in seeded:
                 uniform[i] = self._rng_for(seqs[i]).random(dtype=np.float32)
-            top_p = np.where(temperature > 0, packed[:, 1], 1.0).astype(np.float32)
-            top_k = np.where(temperature > 0, packed[:, 2], -1).astype(np.int32)
             temperature, top_k, top_p, uniform = self._upload_params(temperature, top_k, top_p, uniform)
         else:
-            top_p, top_k = np.ones(n, np.float32), np.full(n, -1, np.int32)
+            uniform = np.zeros(n, np.float32)
         tokens = self.ops.sample(logits, temperature, top_k, top_p, uniform)
         return np.asarray(self.ops.to_numpy(tokens)).tolist()
+
+    def _rows(self, seqs: list[Sequence]) -> tuple:
+        """Per-row (temperature, top_p, top_k) [S] from the requests' packed parameters, the rows that
+        draw from the shared generator and those with a seed of their own. Kept from the last step
+        while the same sequences sample in the same order (a steady decode)."""
+        key = [seq.seq_id for seq in seqs]
+        if key == self._rows_key:
+            return self._rows_value
+        packed = np.array([seq.params.packed for seq in seqs], dtype=np.float64).reshape(len(seqs), 5)
+        draws = packed[:, 0] > 0
+        temperature = packed[:, 0].astype(np.float32)
+        top_p = np.where(draws, packed[:, 1], 1.0).astype(np.float32)
+        top_k = np.where(draws, packed[:, 2], -1).astype(np.int32)
+        seeded = np.flatnonzero(draws & (packed[:, 4] > 0)).tolist()
+        shared = np.flatnonzero(draws & (packed[:, 4] == 0))
+        self._rows_key, self._rows_value = key, (temperature, top_p, top_k, shared, seeded)
+        return self._rows_value
 
     def _upload_params(self, temperature, top_k, top_p, uniform) -> list:
         """The four per-row parameter arrays [S] packed into one [4, S] float32 buffer (top_k as its

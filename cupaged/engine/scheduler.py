@@ -128,6 +128,12 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted below, as a victim
                 continue
+            if self.block_manager.fits_in_place(seq, 1):  # no block to add: taken without append_slots
+                batch.seqs.append(seq)
+                batch.num_tokens.append(1)
+                batch.ids.add(seq.seq_id)
+                budget -= 1
+                continue
             while not self.block_manager.can_append(seq, 1):
                 victim = self.running[-1]
                 self._preempt(victim, batch)

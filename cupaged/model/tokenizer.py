@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import codecs
 import copy
 import json
 from datetime import datetime
@@ -19,6 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
 from cupaged.errors import WeightsError
+from cupaged.model.byte_level import byte_table
 
 
 class Tokenizer:
@@ -37,6 +39,7 @@ class Tokenizer:
             self.chat_template = jinja_file.read_text()
         self.eos_token_ids = self._special_ids(model_dir)
         self.vocab_size = self._tok.get_vocab_size()
+        self._byte_tables: dict[bool, list[bytes] | None] = {}
 
     def _special_ids(self, model_dir: Path) -> set[int]:
         ids = set()
@@ -53,6 +56,13 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def byte_table(self, skip_special_tokens: bool) -> list[bytes] | None:
+        """Bytes per token id for a byte-level tokenizer (model/byte_level.py), else None; made once."""
+        key = bool(skip_special_tokens)
+        if key not in self._byte_tables:
+            self._byte_tables[key] = byte_table(self.hf, key)
+        return self._byte_tables[key]
 
     def token_to_str(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
@@ -90,20 +100,26 @@ def _compile(template: str) -> jinja2.Template:
 class IncrementalDetokenizer:
     """Text deltas for one sequence, with stop strings held back and cut off.
 
-    Each token costs one `tokenizers` DecodeStream step (O(1): it keeps its own few tokens of
-    context), not a decode of the text so far. The stream is primed with the prompt's last tokens
-    (their text is dropped), so a first output token's leading space survives where a decoder
-    strips it at the start of a text.
+    Each token costs O(1): for a byte-level tokenizer, its bytes (model/byte_level.py) through an
+    incremental UTF-8 decoder; for any other, one step of `tokenizers`' DecodeStream (primed with the
+    prompt's last tokens, their text dropped, so a first output token's leading space survives where a
+    decoder strips it at the start of a text). Never a decode of the text so far.
     """
 
-    CONTEXT = 6  # tokens of context a fork or the prompt primes its stream with (> the longest UTF-8 split)
+    CONTEXT = 6  # tokens of context a DecodeStream fork or the prompt primes a stream with
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str] | None = None,
                  skip_special_tokens: bool = True):
         self.tok, self.stop, self.skip = tokenizer, stop or [], skip_special_tokens
         self.max_stop = max((len(s) for s in self.stop), default=0)
-        self.ids = list(prompt_ids[-self.CONTEXT:])  # the last tokens seen (a fork's context)
-        self._stream = self._primed(self.ids)
+        self._firsts = frozenset(s[0] for s in self.stop)   # a held-back tail starts with one of these
+        self._lasts = frozenset(s[-1] for s in self.stop)   # a stop string completed now ends with one
+        self._bytes = tokenizer.byte_table(skip_special_tokens)
+        if self._bytes is not None:
+            self._pending = b""  # the start of a character whose last bytes have not come yet
+        else:
+            self.ids = list(prompt_ids[-self.CONTEXT:])  # the last tokens seen (a fork's context)
+            self._stream = self._primed(self.ids)
         self.text = ""        # output text so far (stop string excluded once found)
         self.emitted = 0      # characters of self.text already handed out
         self.stopped = False
@@ -116,22 +132,30 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> None:
         """Take one new token; updates self.text and self.stopped."""
-        self.ids.append(token_id)
-        if len(self.ids) > 4 * self.CONTEXT:
-            del self.ids[:-self.CONTEXT]
-        chunk = self._stream.step(self.tok.hf, token_id)
+        if self._bytes is not None:
+            data = self._bytes[token_id] if token_id < len(self._bytes) else b""
+            if self._pending:
+                data = self._pending + data
+            chunk, used = codecs.utf_8_decode(data, "replace", False)
+            self._pending = data[used:]
+        else:
+            self.ids.append(token_id)
+            if len(self.ids) > 4 * self.CONTEXT:
+                del self.ids[:-self.CONTEXT]
+            chunk = self._stream.step(self.tok.hf, token_id)
         if not chunk:
             return  # an incomplete UTF-8 character, or nothing visible yet
-        start = max(0, len(self.text) - self.max_stop)
+        start = len(self.text) - self.max_stop
         self.text += chunk
-        if self.stop:
-            self._cut_at_stop(start)
+        if self.stop and not self._lasts.isdisjoint(chunk):
+            self._cut_at_stop(max(0, start))
 
     def fork(self) -> IncrementalDetokenizer:
         """A copy that goes on decoding on its own (a beam's continuation)."""
         clone = copy.copy(self)
-        clone.ids = self.ids[-self.CONTEXT:]
-        clone._stream = self._primed(clone.ids)
+        if self._bytes is None:
+            clone.ids = self.ids[-self.CONTEXT:]
+            clone._stream = self._primed(clone.ids)
         return clone
 
     def _cut_at_stop(self, start: int) -> None:
@@ -146,7 +170,9 @@ class IncrementalDetokenizer:
 
     def delta(self, final: bool = False) -> str:
         """Text not handed out yet; a tail that may start a stop string waits unless final."""
-        end = len(self.text) if final or self.stopped else len(self.text) - self._held_back()
+        if self.emitted == len(self.text):
+            return ""
+        end = len(self.text) if final or self.stopped or not self.stop else len(self.text) - self._held_back()
         out = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)
         return out
@@ -156,6 +182,8 @@ class IncrementalDetokenizer:
         that some stop string starts with (only tails starting with a stop string's first character
         are tried, so this is a few `find`s per stop string)."""
         text, longest = self.text, 0
+        if self._firsts.isdisjoint(text[-self.max_stop:]):
+            return 0
         for stop in self.stop:
             at = text.find(stop[0], max(0, len(text) - len(stop)))
             while at != -1 and len(text) - at > longest:
