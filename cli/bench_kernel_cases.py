@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from cupaged.util import cdiv
+
 if TYPE_CHECKING:
     from cupaged.cli.bench_kernels import Sweep
 
@@ -55,7 +57,7 @@ def decode_case(ops, inputs: Inputs, sw: Sweep, b: int, ctx: int, contiguous: bo
     sequence's blocks are drawn at random from the whole pool (a fragmented pool); contiguous: its
     blocks are consecutive in the pool (block table = identity per sequence). Same bytes either way."""
     hq, hk, d, bs = sw.q_heads, sw.kv_heads, sw.head_dim, sw.block_size
-    mb = -(-ctx // bs)
+    mb = cdiv(ctx, bs)
     kv_bytes = 2 * b * ctx * hk * d * ops.itemsize
     q_bytes = b * hq * d * ops.itemsize
 
@@ -162,7 +164,7 @@ def cache_case(ops, inputs: Inputs, sw: Sweep, t: int, l2: int) -> Case:
 
     def setup():
         c = copies_for(2 * kv, l2)
-        nb = c * 2 * -(-t // bs)  # a pool twice the rows, so the slots are scattered
+        nb = c * 2 * cdiv(t, bs)  # a pool twice the rows, so the slots are scattered
         k_cache, v_cache = inputs.normal((nb, bs, hk, d)), inputs.normal((nb, bs, hk, d))
         ks = [inputs.normal((t, hk, d)) for _ in range(c)]
         vs = [inputs.normal((t, hk, d)) for _ in range(c)]

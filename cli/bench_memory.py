@@ -1,7 +1,7 @@
 """`cupaged bench memory`: KV memory wasted by paged blocks vs contiguous max-length reservations.
 
 A request trace (synthetic ShareGPT-like, or --trace FILE) is replayed through the memory alone, no
-model (`cupaged.engine.memory_sim`): for the same KV memory, paged blocks of 8, 16 and 32 tokens (the
+model (`cupaged.cli.memory_sim`): for the same KV memory, paged blocks of 8, 16 and 32 tokens (the
 engine's BlockManager) against one max_model_len slot per sequence. For each: wasted memory (reserved
 but holding no token's K/V) as % of reserved, averaged over the replay and at peak reservation, and
 concurrent requests (peak, mean). Parallel samples (n > 1) share their prompt blocks through
@@ -23,7 +23,7 @@ PAGED_BLOCK_SIZES = (8, 16, 32)
 
 
 def build_trace(trace_file, num_requests, rate, n, prefix_len, prefix_groups, max_model_len, seed):
-    from cupaged.engine.memory_trace import load_trace, synthetic_trace
+    from cupaged.cli.memory_trace import load_trace, synthetic_trace
     if trace_file:
         return load_trace(trace_file, max_model_len)
     return synthetic_trace(num_requests, rate, max_model_len, n=n, prefix_len=prefix_len,
@@ -32,7 +32,7 @@ def build_trace(trace_file, num_requests, rate, n, prefix_len, prefix_groups, ma
 
 def replay(trace, memory, step_s: float, max_num_seqs: int, block_size: int | None):
     """Run one memory through the trace; returns (summary dict, StepRecord)."""
-    from cupaged.engine.memory_sim import Replay, summarize_replay
+    from cupaged.cli.memory_sim import Replay, summarize_replay
     run = Replay(trace, memory, step_s, max_num_seqs)
     record = run.run()
     return {**summarize_replay(record, block_size), "preemptions": run.num_preemptions}, record
@@ -41,7 +41,7 @@ def replay(trace, memory, step_s: float, max_num_seqs: int, block_size: int | No
 def run_memory_benchmark(trace, kv_tokens: int, max_model_len: int, step_s: float, max_num_seqs: int = 256,
                          watermark: float = 0.01) -> tuple[dict, dict]:
     """Every memory over one trace. Returns (report, {name: StepRecord}) for the table and the plot."""
-    from cupaged.engine.memory_sim import ContiguousMemory, PagedMemory, prefix_caching_available
+    from cupaged.cli.memory_sim import ContiguousMemory, PagedMemory
     rows, records = [], {}
     for bs in PAGED_BLOCK_SIZES:
         summary, records[f"paged-{bs}"] = replay(trace, PagedMemory(kv_tokens, bs, watermark=watermark), step_s,
@@ -58,8 +58,7 @@ def run_memory_benchmark(trace, kv_tokens: int, max_model_len: int, step_s: floa
         fork = next(r for r in rows if r["memory"] == "paged-16")
         report["sharing"] = {"block_size": 16, "fork": fork, "copies": copies}
     if any(req.prefix_id is not None for req in trace):
-        report["prefix_cache"] = measure_prefix_cache(trace, kv_tokens, step_s, max_num_seqs, watermark) \
-            if prefix_caching_available() else {"available": False}
+        report["prefix_cache"] = measure_prefix_cache(trace, kv_tokens, step_s, max_num_seqs, watermark)
     return report, records
 
 
@@ -67,13 +66,13 @@ def run_memory_benchmark(trace, kv_tokens: int, max_model_len: int, step_s: floa
 def measure_prefix_cache(trace, kv_tokens: int, step_s: float, max_num_seqs: int, watermark: float) -> dict:
     """paged-16 with BlockManager(..., enable_prefix_caching=True): waste, concurrency, blocks saved by
     sharing (prefix hits and forks), and the cache's hit counters."""
-    from cupaged.engine.memory_sim import PagedMemory, Replay, summarize_replay
+    from cupaged.cli.memory_sim import PagedMemory, Replay, summarize_replay
     memory = PagedMemory(kv_tokens, 16, prefix_caching=True, watermark=watermark)
     run = Replay(trace, memory, step_s, max_num_seqs)
     summary = summarize_replay(run.run(), 16)
     bm = memory.bm
     queries, hits = getattr(bm, "prefix_cache_queries", 0), getattr(bm, "prefix_cache_hits", 0)
-    return {"available": True, **summary, "preemptions": run.num_preemptions, "tokens_reused": memory.tokens_reused,
+    return {**summary, "preemptions": run.num_preemptions, "tokens_reused": memory.tokens_reused,
             "prefix_cache_queries": queries, "prefix_cache_hits": hits,
             "hit_rate_pct": 100 * hits / queries if queries else None}
 
@@ -124,8 +123,6 @@ def format_sharing(sharing: dict | None) -> list[str]:
 def format_prefix(prefix: dict | None) -> list[str]:
     if prefix is None:
         return ["prefix cache: no request has a prefix_id"]
-    if not prefix["available"]:
-        return ["prefix cache: BlockManager has no reuse_cached_prefix yet: not measured"]
     rate = "-" if prefix["hit_rate_pct"] is None else f"{prefix['hit_rate_pct']:.1f}%"
     return [f"prefix cache, paged-16: {prefix['tokens_reused']} prompt tokens reused, hit rate {rate}, "
             f"{prefix['saved_blocks_mean']:.0f} blocks shared on average ({prefix['saved_pct']:.1f}%); "

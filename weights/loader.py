@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cupaged.errors import WeightsError
+from cupaged.util import bf16_bits_to_float
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,6 @@ NUMPY_TO_SAFETENSORS = {"float64": "F64", "float32": "F32", "float16": "F16", "b
                         "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL"}
 
 
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Widen bfloat16 values stored as uint16 bits to float32, exactly."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
 class Weights(Mapping[str, np.ndarray]):
     """Read-only name -> array mapping over memory-mapped safetensors files.
 
@@ -63,7 +59,7 @@ class Weights(Mapping[str, np.ndarray]):
 
     def __getitem__(self, name: str) -> np.ndarray:
         array = self._arrays[name]
-        return bf16_to_float32(array) if self.dtypes[name] == "BF16" else array
+        return bf16_bits_to_float(np, array) if self.dtypes[name] == "BF16" else array
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._arrays)

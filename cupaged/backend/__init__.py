@@ -21,7 +21,7 @@ def cuda_available() -> bool:
 def get_ops(backend: str = "auto", dtype: str = "auto") -> Ops:
     """dtype: "auto" (CPU float32, CUDA float16), or "float16" / "bfloat16" on CUDA."""
     if backend == "auto":
-        backend = "cuda" if cuda_available() and _has_cuda_backend() else "cpu"
+        backend = "cuda" if cuda_available() else "cpu"
     if backend == "cpu":
         from cupaged.backend.cpu import CpuOps
         if dtype not in ("auto", "float32"):
@@ -30,16 +30,9 @@ def get_ops(backend: str = "auto", dtype: str = "auto") -> Ops:
     if backend == "cuda":
         if not cuda_available():
             raise CupagedError("backend 'cuda' needs CuPy and a CUDA device: pip install 'cupaged[cuda]'")
-        if not _has_cuda_backend():
-            raise CupagedError("the CUDA backend is not part of this build yet; use backend='cpu'")
         from cupaged.backend.cuda import CudaOps
         return CudaOps(dtype="float16" if dtype == "auto" else dtype)
     raise CupagedError(f"unknown backend {backend!r}: choose auto, cpu or cuda")
-
-
-def _has_cuda_backend() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("cupaged.backend.cuda") is not None
 
 
 __all__ = ["AttnMetadata", "Ops", "get_ops", "cuda_available"]

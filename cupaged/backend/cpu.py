@@ -24,6 +24,7 @@ import numpy as np
 from cupaged.backend import cpu_kernels as K
 from cupaged.backend.cpu_gemm import matmul_nt
 from cupaged.backend.cpu_math import silu_and_mul
+from cupaged.backend.host_sampling import top_k_top_p_keep
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 from cupaged.errors import InvalidRequestError
 
@@ -192,18 +193,7 @@ class CpuOps(Ops):
                 out[b] = best
                 continue
             w = np.exp((row - row[best]) / t)   # [V] unnormalised probabilities
-            keep = np.ones(v_n, dtype=bool)
-            k = int(top_k[b])
-            if 0 < k < v_n:
-                keep = row >= np.partition(row, v_n - k)[v_n - k]
-            p = float(top_p[b])
-            if p < 1.0:
-                idx = np.flatnonzero(keep)
-                vals = row[idx]
-                order = np.argsort(-vals, kind="stable")
-                cum = np.cumsum(w[idx][order])
-                cut = min(int(np.searchsorted(cum, p * cum[-1])), len(cum) - 1)  # first cum >= p * Z
-                keep &= row >= vals[order[cut]]
+            keep = top_k_top_p_keep(row, w, int(top_k[b]), float(top_p[b]))
             cdf = np.cumsum(np.where(keep, w, 0.0))   # in index order, as the kernel walks
             hit = int(np.searchsorted(cdf, float(uniform[b]) * cdf[-1], side="right"))  # first cdf > target
             out[b] = hit if hit < v_n else int(np.flatnonzero(keep)[-1])

@@ -32,6 +32,7 @@ import numpy as np
 
 from cupaged.backend.cupy_device import CupyDevice
 from cupaged.backend.kernels import Device, Kernel, launch
+from cupaged.util import bf16_bits_to_float, cdiv, float_to_bf16_bits
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 
 logger = logging.getLogger(__name__)
@@ -40,19 +41,6 @@ HEAD_DIMS = (64, 80, 96, 128, 256)    # the head sizes the attention kernels are
 DECODE_THREADS = PREFILL_THREADS = 128
 _I32 = np.dtype(np.int32)
 _F32 = np.dtype(np.float32)
-
-
-def float_to_bf16_bits(xp, x) -> Array:
-    """float32 values -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    x = xp.ascontiguousarray(x, dtype=xp.float32)
-    b = x.view(xp.uint32)
-    rounded = (b + (xp.uint32(0x7FFF) + ((b >> 16) & xp.uint32(1)))) >> 16
-    return xp.where(xp.isnan(x), (b >> 16) | xp.uint32(0x40), rounded).astype(xp.uint16)
-
-
-def bf16_bits_to_float(xp, bits) -> Array:
-    """bfloat16 bit patterns (uint16) -> float32."""
-    return (xp.asarray(bits, dtype=xp.uint16).astype(xp.uint32) << 16).view(xp.float32)
 
 
 def heads_per_block(g: int) -> int:
@@ -70,10 +58,6 @@ def block_runs(pairs: np.ndarray) -> list[tuple[int, int, int]]:
     starts = np.r_[0, np.flatnonzero((step != 1).any(axis=1)) + 1]
     lengths = np.diff(np.r_[starts, len(p)])
     return [(int(p[i, 0]), int(p[i, 1]), int(n)) for i, n in zip(starts, lengths)]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class CudaOps(Ops):
@@ -253,7 +237,7 @@ class CudaOps(Ops):
         i = two_i // 2
         out = self.xp.empty((t, i), dtype=self.storage)
         if t and i:
-            launch(self._kernel("activation.cu", f"silu_and_mul_{self.sfx}"), grid=(t, _cdiv(i, 256 * 8)),
+            launch(self._kernel("activation.cu", f"silu_and_mul_{self.sfx}"), grid=(t, cdiv(i, 256 * 8)),
                    block=(256,), args=[out, x, np.int32(i)], shared_mem=0)
         return out
 
@@ -340,7 +324,7 @@ class CudaOps(Ops):
         g = hq // hk
         gp = heads_per_block(g)
         span = min(meta.max_seq_len, window) if window else meta.max_seq_len
-        parts = max(1, _cdiv(span, self.partition_size))
+        parts = max(1, cdiv(span, self.partition_size))
         out = xp.empty((t, hq, d), dtype=self.storage)
         if t > b:
             out[b:] = 0  # padding rows (bits of 0.0 in every dtype)
@@ -349,7 +333,7 @@ class CudaOps(Ops):
         part_out = xp.empty((b, hq, parts, d), dtype=np.float32)
         mb, bs = meta.block_tables.shape[1], k_cache.shape[1]
         launch(self._kernel("paged_attention.cu", f"paged_decode_{self.sfx}_d{d}_g{gp}"),
-               grid=(hk * _cdiv(g, gp), b, parts), block=(DECODE_THREADS,),
+               grid=(hk * cdiv(g, gp), b, parts), block=(DECODE_THREADS,),
                args=[out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, part_max, part_sum, part_out,
                      np.int32(hq), np.int32(hk), np.int32(mb), np.int32(bs), np.int32(self.partition_size),
                      np.float32(scale), np.int32(window)],
@@ -370,7 +354,7 @@ class CudaOps(Ops):
         out = self.xp.zeros((t, hq, d), dtype=self.storage)  # rows past query_start_loc[-1] stay zero
         mb, bs = meta.block_tables.shape[1], k_cache.shape[1]
         launch(self._kernel("paged_prefill.cu", f"paged_prefill_{self.sfx}_d{d}"),
-               grid=(_cdiv(meta.max_query_len * g, rows), hk, b), block=(PREFILL_THREADS,),
+               grid=(cdiv(meta.max_query_len * g, rows), hk, b), block=(PREFILL_THREADS,),
                args=[out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                      np.int32(hq), np.int32(hk), np.int32(mb), np.int32(bs), np.float32(scale), np.int32(window)],
                shared_mem=smem)

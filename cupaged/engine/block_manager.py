@@ -27,6 +27,7 @@ from __future__ import annotations
 from cupaged.engine.prefix_cache import BlockHash, PrefixCacheStats, extend_block_hashes
 from cupaged.engine.sequence import Sequence
 from cupaged.engine.swap import HostBlockPool
+from cupaged.util import cdiv
 
 
 class Block:
@@ -142,7 +143,7 @@ class BlockManager:
         """Blocks to add so that seq's table covers num_computed_tokens + num_new_tokens,
         plus one if the block written first is shared and must be copied."""
         total = seq.num_computed_tokens + num_new_tokens
-        needed = max(0, -(-total // self.block_size) - len(seq.block_table))
+        needed = max(0, cdiv(total, self.block_size) - len(seq.block_table))
         return needed + int(self._first_write_is_shared(seq, num_new_tokens))
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -183,7 +184,7 @@ class BlockManager:
         """Let child share all of parent's blocks (prompt sharing for n > 1). Fork between steps:
         copy-on-write covers only the one partly written block, not blocks reserved ahead."""
         assert not child.block_table, f"{child} already holds blocks"
-        assert len(parent.block_table) == -(-parent.num_computed_tokens // self.block_size), \
+        assert len(parent.block_table) == cdiv(parent.num_computed_tokens, self.block_size), \
             f"fork of {parent} with blocks reserved but not yet computed"
         for block_id in parent.block_table:
             self._incref(self.blocks[block_id])
@@ -263,7 +264,7 @@ class BlockManager:
         block written first comes back shared (it has a device twin held by another sequence)."""
         table, bs = seq.host_block_table, self.block_size
         needed = sum(self.host.device_twin(h) is None for h in table)
-        needed += max(0, -(-(seq.num_computed_tokens + num_new_tokens) // bs) - len(table))
+        needed += max(0, cdiv(seq.num_computed_tokens + num_new_tokens, bs) - len(table))
         index = seq.num_computed_tokens // bs
         if num_new_tokens > 0 and index < len(table) and self.host.device_twin(table[index]) is not None:
             needed += 1

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cupaged.backend.ops import Array, AttnMetadata, Ops
+from cupaged.util import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class DecodeGraphs:
         """forward(input_ids, meta) -> logits: the model's forward over the runner's KV caches."""
         self.ops, self.max_model_len = ops, max_model_len
         self.sizes = capture_sizes(max_num_seqs)
-        pmax, self.mb = self.sizes[-1], -(-max_model_len // block_size)
+        pmax, self.mb = self.sizes[-1], cdiv(max_model_len, block_size)
         names = ("input_ids", "positions", "slot_mapping", "seq_lens", "logits_indices", "query_start_loc",
                  "block_tables")
         lengths = (pmax,) * 5 + (pmax + 1, pmax * self.mb)

@@ -42,6 +42,7 @@ from cupaged.model.loader import load_model_weights
 from cupaged.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from cupaged.outputs import RequestOutput
 from cupaged.sampling_params import SamplingParams
+from cupaged.util import cdiv
 from cupaged.weights.store import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class LLMEngine:
         per_block = bs * self.model_config.kv_bytes_per_token(self.ops.itemsize)
         num_blocks = budget // per_block
         if num_blocks * bs < self.max_model_len:
-            need = -(-self.max_model_len // bs) * per_block
+            need = cdiv(self.max_model_len, bs) * per_block
             raise OutOfMemoryError(
                 f"the KV cache budget ({budget / 2**20:.1f} MiB) holds {num_blocks * bs} tokens, but one sequence "
                 f"of max_model_len {self.max_model_len} needs {need / 2**20:.1f} MiB: raise {knob} "

@@ -20,16 +20,16 @@ from cupaged.engine.block_tables import BlockTables
 from cupaged.engine.cuda_graphs import DecodeGraphs, StepInputs
 from cupaged.engine.scheduler import ScheduledBatch
 from cupaged.model.llama import LlamaModel
+from cupaged.util import cdiv
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, dtype=None,
-                 num_host_blocks: int = 0):
+    def __init__(self, model: LlamaModel, ops: Ops, num_blocks: int, block_size: int, num_host_blocks: int = 0):
         cfg = model.cfg
         self.model, self.ops, self.block_size = model, ops, block_size
-        self.dtype = ops.dtype if dtype is None else dtype  # the backend's compute dtype
+        self.dtype = ops.dtype  # the backend's compute dtype
         self.kv_caches = self.allocate_kv_caches(num_blocks)
         self.block_tables = BlockTables()
         self.graphs: DecodeGraphs | None = None
@@ -103,7 +103,7 @@ class ModelRunner:
         np.cumsum(counts, out=qsl[1:])
         seq_index = np.repeat(np.arange(len(seqs)), counts)
         positions = np.arange(len(input_ids), dtype=np.int64) + np.repeat(starts - qsl[:-1], counts)
-        max_blocks = -(-int(ends.max()) // bs)  # the blocks that hold a context (a table may hold no more)
+        max_blocks = cdiv(int(ends.max()), bs)  # the blocks that hold a context (a table may hold no more)
         tables = self.block_tables.gather(rows, max_blocks)
         slots = tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         i32 = np.int32
@@ -135,12 +135,12 @@ def profile_forward(model: LlamaModel, ops: Ops, block_size: int, max_num_batche
     from cupaged.sampling_params import SamplingParams
 
     t = max_num_batched_tokens
-    s = min(max(min(max_num_seqs, t), -(-t // max_model_len)), t)
+    s = min(max(min(max_num_seqs, t), cdiv(t, max_model_len)), t)
     counts = [min(t // s + (i < t % s), max_model_len) for i in range(s)]
     seqs, next_block = [], 0
     for n in counts:
         seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1))
-        blocks = -(-n // block_size)
+        blocks = cdiv(n, block_size)
         seq.block_table = list(range(next_block, next_block + blocks))
         next_block += blocks
         seqs.append(seq)

@@ -8,7 +8,7 @@ K/V depend on. Two requests share a block only if their hashes agree.
 The hash is SHA-256 (truncated to 16 bytes), not Python's `hash`: prompts are user input, and a
 non-cryptographic 64-bit hash can be collided on purpose, which would hand one request another's
 K/V (a cross-tenant leak past `cache_salt`). All prefix-cache bookkeeping together, hashing
-included, is 0.017% of a SmolLM2 run at a 0% hit rate on the 2-core EPYC (0.31 us per token,
+included, is 0.023% of a SmolLM2 run at a 0% hit rate on the 2-core EPYC (0.27 us per token,
 benchmarks/prefix_caching.py; docs/results.md).
 128 bits keep accidental collisions at ~n^2 / 2^129 for n cached blocks.
 """

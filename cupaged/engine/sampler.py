@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cupaged.backend.host_sampling import top_k_top_p_keep
 from cupaged.backend.ops import Ops
 from cupaged.engine.sequence import Sequence
 
@@ -130,15 +131,9 @@ class Sampler:
     def _draw(self, row: np.ndarray, seq: Sequence) -> int:
         p = seq.params
         row = row.astype(np.float64) / p.temperature
-        if 0 < p.top_k < row.size:
-            kth = np.partition(row, -p.top_k)[-p.top_k]
-            row[row < kth] = -np.inf
+        row[np.isnan(row)] = -np.inf
         probs = _softmax(row)
-        if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cum = np.cumsum(probs[order])
-            drop = order[cum - probs[order] >= p.top_p]  # keep the smallest prefix reaching top_p
-            probs[drop] = 0.0
+        probs[~top_k_top_p_keep(row, probs, p.top_k, p.top_p)] = 0.0  # the kernel's rule, ties kept
         if p.min_p > 0.0:
             probs[probs < p.min_p * probs.max()] = 0.0
         probs /= probs.sum()

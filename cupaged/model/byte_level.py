@@ -1,6 +1,7 @@
 """Incremental detokenization for byte-level BPE tokenizers (GPT-2's scheme: SmolLM2, Llama 3, Qwen) in
 pure Python: every token id maps to fixed bytes, so a token's text is its bytes through an incremental
-UTF-8 decoder, a dictionary lookup and a C call (~0.3 us), where a DecodeStream step costs ~2 us.
+UTF-8 decoder: a list lookup and one C call, cheaper than a DecodeStream step through the bindings
+(`cupaged bench overhead` measures the output phase that this serves; docs/results.md).
 
 It applies only when the tokenizer's decoder is exactly `ByteLevel`; `byte_table` returns None for any
 other, and the caller uses `tokenizers`' DecodeStream instead. tests/model/test_detokenizer.py checks

@@ -53,11 +53,11 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, ops: Ops, tensors: dict[str, np.ndarray], dtype=None):
-        """tensors: host arrays by HF name (already checked against expected_tensors).
-        dtype: the weights' dtype on the device, by default the backend's compute dtype `ops.dtype`."""
+    def __init__(self, cfg: ModelConfig, ops: Ops, tensors: dict[str, np.ndarray]):
+        """tensors: host arrays by HF name (already checked against expected_tensors); they go to the
+        device in the backend's compute dtype `ops.dtype`."""
         self.cfg, self.ops = cfg, ops
-        dtype = ops.dtype if dtype is None else dtype
+        dtype = ops.dtype
 
         def dev(*names: str) -> Array:
             parts = [np.asarray(tensors[n], dtype=np.float32) for n in names]

@@ -64,9 +64,6 @@ class Tokenizer:
             self._byte_tables[key] = byte_table(self.hf, key)
         return self._byte_tables[key]
 
-    def token_to_str(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
-
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render the model's own chat template (as transformers does) to a prompt string."""
         if not self.chat_template:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cupaged.util import bf16_bits_to_float, float_to_bf16_bits
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SHIM = HERE / "cuda_emu.h"
@@ -58,14 +60,12 @@ class _Dim3(ctypes.Structure):
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (b + (np.uint32(0x7FFF) + ((b >> 16) & 1))) >> 16
-    return np.where(np.isnan(x), (b >> 16) | 0x40, rounded).astype(np.uint16)
+    return float_to_bf16_bits(np, x)
 
 
 def from_bf16(x: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32."""
-    return (np.asarray(x, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return bf16_bits_to_float(np, x)
 
 
 def poisoned(shape, dtype) -> np.ndarray:

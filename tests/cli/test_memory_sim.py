@@ -7,9 +7,8 @@ import math
 
 import pytest
 
-from cupaged.engine.memory_sim import (ContiguousMemory, PagedMemory, Replay, prefix_caching_available,
-                                       summarize_replay)
-from cupaged.engine.memory_trace import TraceRequest, load_trace, synthetic_trace
+from cupaged.cli.memory_sim import ContiguousMemory, PagedMemory, Replay, summarize_replay
+from cupaged.cli.memory_trace import TraceRequest, load_trace, synthetic_trace
 from cupaged.errors import TraceError
 
 
@@ -136,7 +135,6 @@ def test_a_request_that_can_never_run_is_named():
         Replay([TraceRequest(0.0, 5, 5, n=3)], PagedMemory(1024, 16), 0.01, max_num_seqs=2)
 
 
-@pytest.mark.skipif(not prefix_caching_available(), reason="BlockManager has no prefix-cache API yet")
 def test_prefix_cache_hook_reuses_shared_prefixes():
     trace = synthetic_trace(30, rate=50.0, max_model_len=512, prefix_len=64, prefix_groups=2, mean_input=30,
                             mean_output=20, seed=1)

@@ -27,18 +27,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cupaged.cli.memory_trace import TraceRequest
 from cupaged.engine.block_manager import BlockManager
-from cupaged.engine.memory_trace import TraceRequest
 from cupaged.engine.sequence import Sequence
 from cupaged.errors import TraceError
 from cupaged.sampling_params import SamplingParams
+from cupaged.util import cdiv
 
 _PARAMS = SamplingParams()
 _PREFIX_BASE = 1_000_000_000   # token ids of shared prefixes: base + prefix index * 2^20 + position
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass
@@ -337,8 +334,3 @@ def summarize_replay(record: StepRecord, block_size: int | None = None) -> dict:
                        saved_blocks_peak=int(saved.max(initial=0)),
                        saved_pct=float(100 * saved.sum() / (held.sum() + saved.sum())) if held.sum() else 0.0)
     return summary
-
-
-def prefix_caching_available() -> bool:
-    """Does BlockManager have the prefix-cache API (reuse_cached_prefix, cache_full_blocks) yet?"""
-    return hasattr(BlockManager, "reuse_cached_prefix")
