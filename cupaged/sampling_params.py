@@ -1,7 +1,11 @@
 """SamplingParams: vLLM's names and meanings, validated on construction."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from cupaged.errors import InvalidRequestError
 
@@ -51,10 +55,11 @@ class SamplingParams:
     packed: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop_strings = [s for s in (self.stop or []) if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids or []]
         if self.top_k == 0:
             self.top_k = -1
         if self.best_of is None:
@@ -67,6 +72,31 @@ class SamplingParams:
         needs_host = (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
                       or self.min_p > 0.0 or self.logprobs is not None)
         self.packed = (float(self.temperature), float(self.top_p), int(self.top_k), needs_host, self.seed is not None)
+
+    def _check_types(self) -> None:
+        """Types before ranges, so no value reaches a step that would fail there: bools are bools, ints
+        are ints (NumPy's too, never floats or bools), floats are finite numbers, stop strings are
+        non-empty str and stop token ids ints >= 0. Each error names the field and the value."""
+        for name in ("ignore_eos", "skip_special_tokens", "use_beam_search"):
+            _check(name, getattr(self, name), _is_bool(getattr(self, name)), "a bool (True or False)")
+        for name, optional in (("n", False), ("top_k", False), ("seed", True), ("max_tokens", True),
+                               ("logprobs", True), ("best_of", True)):
+            value = getattr(self, name)
+            _check(name, value, (optional and value is None) or _is_int(value),
+                   "an int" + (" or None" if optional else ""))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "length_penalty"):
+            value = getattr(self, name)
+            _check(name, value, _is_number(value) and math.isfinite(value), "a finite number")
+        stop = self.stop
+        ok = stop is None or (isinstance(stop, str) and stop) or (
+            isinstance(stop, (list, tuple)) and all(isinstance(x, str) and x for x in stop))
+        _check("stop", stop, ok, "a non-empty str or a list of non-empty str")
+        ids = self.stop_token_ids
+        ok = ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids))
+        _check("stop_token_ids", ids, ok, "a list of token ids (ints >= 0)")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed!r}")
 
     def _validate(self) -> None:
         def bad(msg: str) -> None:
@@ -129,3 +159,21 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value) -> bool:
+    """An int, NumPy's included, but not a bool."""
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _check(name: str, value, ok: bool, what: str) -> None:
+    if not ok:
+        raise InvalidRequestError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")

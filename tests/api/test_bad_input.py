@@ -79,6 +79,34 @@ def test_invalid_sampling_params(smol_llm, kw, name):
     assert_still_serves(smol_llm)
 
 
+# Values that used to pass SamplingParams() and fail (or misbehave) only inside a step (issue 13's probes).
+WRONG_TYPES = [
+    (dict(skip_special_tokens=None), "skip_special_tokens"), (dict(skip_special_tokens=1.5), "skip_special_tokens"),
+    (dict(stop=[1]), "stop"), (dict(stop=["a", b"x"]), "stop"), (dict(stop=""), "stop"),
+    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(top_k=float("nan")), "top_k"),
+    (dict(logprobs=1.5), "logprobs"), (dict(logprobs=True), "logprobs"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty"), (dict(n="2"), "n"),
+    (dict(ignore_eos="no"), "ignore_eos"), (dict(stop_token_ids="1"), "stop_token_ids"),
+    (dict(stop_token_ids=[1.5]), "stop_token_ids"), (dict(top_k=1.5), "top_k"),
+    (dict(temperature=float("nan")), "temperature"), (dict(max_tokens=float("inf")), "max_tokens"),
+    (dict(n=True), "n"), (dict(temperature="0.5"), "temperature"),
+]
+
+
+@pytest.mark.parametrize("kw, name", WRONG_TYPES, ids=lambda v: repr(v))
+def test_wrong_types_are_refused_at_construction(smol_llm, kw, name):
+    with pytest.raises(InvalidRequestError, match=rf"^{name}\b") as err:
+        SamplingParams(**kw)
+    assert repr(list(kw.values())[0]) in str(err.value), "the message shows the bad value"
+    assert_still_serves(smol_llm)
+
+
+def test_numpy_scalars_are_accepted():
+    p = SamplingParams(n=np.int64(2), seed=np.int32(3), temperature=np.float32(0.5), top_k=np.int64(5),
+                       ignore_eos=np.bool_(True), stop_token_ids=[np.int64(7)])
+    assert p.n == 2 and p.stop_token_ids == [7] and isinstance(p.stop_token_ids[0], int)
+
+
 def test_one_bad_prompt_refuses_the_whole_call(smol_llm):
     engine = smol_llm.engine
     prompts = ["The capital of France is", {"prompt_token_ids": [1, 2, 3]}, "", "def main():"]
