@@ -154,9 +154,9 @@ class OutputProcessor:
             for token in co.new_token_ids:
                 add(token)
         o.finish_reason = co.finish_reason
-        if o.detok.stopped and o.finish_reason is None:
+        if o.detok.stopped:  # a stop string wins over "length" in the same token, as before
             o.finish_reason = "stop"
-            return True
+            return co.finish_reason is None  # the core has not finished it: the engine does, now
         return False
 
     def _take_hypotheses(self, state: _RequestState, hypotheses) -> None:
