@@ -258,9 +258,13 @@ class LLMEngine:
         if seq is not req.seqs[0]:
             return []
         for child in req.seqs[1:]:
-            self.block_manager.fork(seq, child)
-            self.scheduler.add_running(child)
+            self._fork(seq, child)
         return req.seqs
+
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
+        """child shares all of parent's blocks and runs from the next step on."""
+        self.block_manager.fork(parent, child)
+        self.scheduler.add_running(child)
 
     def _append(self, seq: Sequence, token: int, logprobs) -> CoreOutput:
         seq.append_token(token, logprobs)
@@ -303,8 +307,7 @@ class LLMEngine:
     def _step_search(self, req: Request) -> None:
         go_on, retired = req.search.step(self._update_beam_text)
         for child, beam in go_on:  # fork before the old beams let go of their blocks
-            self.block_manager.fork(beam, child)
-            self.scheduler.add_running(child)
+            self._fork(beam, child)
         for beam in retired:
             self.scheduler.finish(beam, "beam")
 
