@@ -3,9 +3,9 @@ delivered to the caller that owns the request.
 
 The engine core emits, per step, a `CoreOutput` only for each sequence that moved: request id, output
 index, the new token ids, their log-probabilities where asked, and the finish reason if it finished.
-`OutputProcessor.process` turns those into text deltas (one DecodeStream step per token, stop strings
-held back and cut), reports the sequences a stop string finishes (the engine frees them in the same
-step), and builds a `RequestOutput` only where its request's `output_kind` asks for one:
+`OutputProcessor.process` turns those into text deltas (O(1) per token: IncrementalDetokenizer in
+model/tokenizer.py; stop strings held back and cut), reports the sequences a stop string finishes (the
+engine frees them in the same step), and builds a `RequestOutput` only where its request's `output_kind` asks for one:
 
 - "cumulative" (the default, vLLM's): every step that moved it, all text and token ids so far, `delta`
   the new text;

@@ -2,7 +2,7 @@
 
 `IncrementalDetokenizer` turns a growing list of token ids into text deltas:
 - a multi-byte UTF-8 character split across tokens is held back until it is complete
-  (`tokenizers`' DecodeStream yields nothing until it is);
+  (the incremental UTF-8 decode, or `tokenizers`' DecodeStream, yields nothing until it is);
 - a tail of text that could still become a stop string is held back too, so stop strings
   are never emitted, even when they span tokens.
 """
