@@ -21,15 +21,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cupaged.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from cupaged.outputs import CompletionOutput, RequestOutput
 from cupaged.sampling_params import SamplingParams
 
 
-@dataclass(slots=True)
-class CoreOutput:
-    """What one sequence did in one step, as the engine core reports it."""
+class CoreOutput(NamedTuple):
+    """What one sequence did in one step, as the engine core reports it (a tuple: one is made per
+    sequence per step)."""
 
     request_id: str
     index: int                                   # which of the request's n outputs
@@ -102,30 +103,52 @@ class OutputProcessor:
         self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params.output_kind, outs, queue)
 
     def process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
-        """-> (the outputs for step()'s caller, the (request id, index) a stop string finished now)."""
-        moved: dict[str, _RequestState] = {}
+        """-> (the outputs for step()'s caller, the (request id, index) a stop string finished now).
+        A request with one output is delivered as its record is read; one with several (n > 1, beam
+        search) once all of this step's records are in, so each caller gets one output per step."""
+        returned: list[RequestOutput] = []
         stopped = []
-        states = self.states
+        several: dict[str, _RequestState] = {}
+        states, take = self.states, self._take
         for co in core_outputs:
             state = states[co.request_id]
-            moved[co.request_id] = state
             if co.hypotheses is not None:
                 self._take_hypotheses(state, co.hypotheses)
-            elif self._take(state.outputs[co.index], co):
+            elif take(state.outputs[co.index], co):
                 stopped.append((co.request_id, co.index))
-        returned: list[RequestOutput] = []
-        for state in moved.values():
-            finished = state.finished
-            if state.kind == "final" and not finished:
+            if len(state.outputs) > 1:
+                several[co.request_id] = state
                 continue
-            out = self._build(state, finished)
-            if finished:
-                del states[state.request_id]
-            if state.queue is not None:
-                state.queue.put(out)
-            else:
-                returned.append(out)
+            o = state.outputs[0]
+            finished = o.finish_reason is not None
+            if state.kind == "delta":  # a stream's step, built here: the common case, kept short
+                delta = o.detok.delta(finished)
+                sent, o.sent_ids = o.sent_ids, len(o.token_ids)
+                out = RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [CompletionOutput(
+                    0, delta, o.token_ids[sent:], o.logprobs[sent:] if o.logprobs is not None else None,
+                    o.finish_reason, delta, o.cumulative_logprob)], finished)
+                if finished:
+                    del states[co.request_id]
+                if state.queue is not None:
+                    state.queue.put(out)
+                else:
+                    returned.append(out)
+            elif finished or state.kind != "final":
+                self._deliver(state, finished, returned)
+        for state in several.values():
+            finished = state.finished
+            if finished or state.kind != "final":
+                self._deliver(state, finished, returned)
         return returned, stopped
+
+    def _deliver(self, state: _RequestState, finished: bool, returned: list[RequestOutput]) -> None:
+        out = self._build(state, finished)
+        if finished:
+            del self.states[state.request_id]
+        if state.queue is not None:
+            state.queue.put(out)
+        else:
+            returned.append(out)
 
     def abort(self, request_id: str) -> None:
         """End a request: its queue, if it has one, gets a last output (finish_reason "abort" on the
@@ -149,14 +172,14 @@ class OutputProcessor:
         if co.new_logprobs is not None and o.logprobs is not None:
             o.logprobs += co.new_logprobs
             o.cumulative_logprob = co.cumulative_logprob
+        detok = o.detok
         if not co.hidden:
-            add = o.detok.add
             for token in co.new_token_ids:
-                add(token)
-        o.finish_reason = co.finish_reason
-        if o.detok.stopped:  # a stop string wins over "length" in the same token, as before
+                detok.add(token)
+        if detok.stopped:  # a stop string wins over "length" in the same token, as before
             o.finish_reason = "stop"
             return co.finish_reason is None  # the core has not finished it: the engine does, now
+        o.finish_reason = co.finish_reason
         return False
 
     def _take_hypotheses(self, state: _RequestState, hypotheses) -> None:
@@ -165,10 +188,13 @@ class OutputProcessor:
 
     def _build(self, state: _RequestState, final: bool) -> RequestOutput:
         outs = []
+        delta_kind = state.kind == "delta"
         for i, o in enumerate(state.outputs):
-            delta = o.detok.delta(final=o.finish_reason is not None)
-            if state.kind == "delta":
-                ids, sent, o.sent_ids = o.token_ids[o.sent_ids:], o.sent_ids, len(o.token_ids)
+            delta = o.detok.delta(o.finish_reason is not None)
+            if delta_kind:
+                sent = o.sent_ids
+                o.sent_ids = len(o.token_ids)
+                ids = o.token_ids[sent:]
                 logprobs = o.logprobs[sent:] if o.logprobs is not None else None
                 outs.append(CompletionOutput(i, delta, ids, logprobs, o.finish_reason, delta, o.cumulative_logprob))
             else:

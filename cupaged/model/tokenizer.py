@@ -130,11 +130,18 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> None:
         """Take one new token; updates self.text and self.stopped."""
         if self._bytes is not None:
-            data = self._bytes[token_id] if token_id < len(self._bytes) else b""
+            try:
+                data = self._bytes[token_id]
+            except IndexError:  # an id past the tokenizer's vocabulary (a padded embedding): no text
+                data = b""
             if self._pending:
                 data = self._pending + data
             chunk, used = codecs.utf_8_decode(data, "replace", False)
-            self._pending = data[used:]
+            if used == len(data):
+                if self._pending:
+                    self._pending = b""
+            else:
+                self._pending = data[used:]
         else:
             self.ids.append(token_id)
             if len(self.ids) > 4 * self.CONTEXT:
@@ -142,10 +149,12 @@ class IncrementalDetokenizer:
             chunk = self._stream.step(self.tok.hf, token_id)
         if not chunk:
             return  # an incomplete UTF-8 character, or nothing visible yet
-        start = len(self.text) - self.max_stop
-        self.text += chunk
         if self.stop and not self._lasts.isdisjoint(chunk):
+            start = len(self.text) - self.max_stop
+            self.text += chunk
             self._cut_at_stop(max(0, start))
+        else:
+            self.text += chunk
 
     def fork(self) -> IncrementalDetokenizer:
         """A copy that goes on decoding on its own (a beam's continuation)."""
@@ -167,20 +176,22 @@ class IncrementalDetokenizer:
 
     def delta(self, final: bool = False) -> str:
         """Text not handed out yet; a tail that may start a stop string waits unless final."""
-        if self.emitted == len(self.text):
+        text, emitted = self.text, self.emitted
+        if emitted == len(text):
             return ""
-        end = len(self.text) if final or self.stopped or not self.stop else len(self.text) - self._held_back()
-        out = self.text[self.emitted:end]
-        self.emitted = max(self.emitted, end)
-        return out
+        end = len(text)
+        if self.stop and not (final or self.stopped or self._firsts.isdisjoint(text[-self.max_stop:])):
+            end -= self._held_back()  # the tail may start a stop string
+        if end <= emitted:
+            return ""
+        self.emitted = end
+        return text[emitted:end]
 
     def _held_back(self) -> int:
         """Characters at the end of the text that could still begin a stop string: the longest tail
         that some stop string starts with (only tails starting with a stop string's first character
         are tried, so this is a few `find`s per stop string)."""
         text, longest = self.text, 0
-        if self._firsts.isdisjoint(text[-self.max_stop:]):
-            return 0
         for stop in self.stop:
             at = text.find(stop[0], max(0, len(text) - len(stop)))
             while at != -1 and len(text) - at > longest:
