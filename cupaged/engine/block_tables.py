@@ -17,56 +17,53 @@ from cupaged.engine.sequence import Sequence
 class BlockTables:
     def __init__(self, rows: int = 64, cols: int = 64):
         self.table = np.full((rows, cols), -1, dtype=np.int32)  # [rows, max blocks per sequence so far]
-        self._row: dict[int, int] = {}             # seq_id -> row
-        self._held: dict[int, tuple[list, int]] = {}  # row -> (the block_table list it mirrors, entries written)
+        # seq_id -> [row, the block_table list the row mirrors, entries written]
+        self._held: dict[int, list] = {}
         self._free = list(range(rows - 1, -1, -1))
 
     def rows_for(self, seqs: list[Sequence]) -> np.ndarray:
         """Bring the rows of seqs up to date; returns their indices [B] int64."""
-        rows = np.empty(len(seqs), dtype=np.int64)
-        for i, seq in enumerate(seqs):
-            row = self._row.get(seq.seq_id)
-            if row is None:
-                row = self._assign(seq, seqs)
+        held, rows = self._held, []
+        for seq in seqs:
+            entry = held.get(seq.seq_id)
+            if entry is None:
+                entry = self._assign(seq, seqs)
             table = seq.block_table
-            mirrored, written = self._held[row]
-            if mirrored is not table or written > len(table):
-                self._write(row, table, 0)  # a new list: rewrite the row
-            elif written < len(table):
-                self._write(row, table, written)
-            rows[i] = row
-        return rows
+            if entry[1] is not table or entry[2] > len(table):
+                self._write(entry, table, 0)  # a new list: rewrite the row
+            elif entry[2] < len(table):
+                self._write(entry, table, entry[2])
+            rows.append(entry[0])
+        return np.array(rows, dtype=np.int64)
 
     def gather(self, rows: np.ndarray, max_blocks: int) -> np.ndarray:
         """The step's block tables [B, max_blocks] int32 (unused entries -1)."""
         return self.table[rows, :max_blocks]
 
-    def _write(self, row: int, table: list[int], start: int) -> None:
+    def _write(self, entry: list, table: list[int], start: int) -> None:
         if len(table) > self.table.shape[1]:
             grown = np.full((self.table.shape[0], max(len(table), 2 * self.table.shape[1])), -1, np.int32)
             grown[:, :self.table.shape[1]] = self.table
             self.table = grown
+        row = entry[0]
         self.table[row, start:len(table)] = table[start:]
         if start == 0:
             self.table[row, len(table):] = -1
-        self._held[row] = (table, len(table))
+        entry[1], entry[2] = table, len(table)
 
-    def _assign(self, seq: Sequence, batch: list[Sequence]) -> int:
+    def _assign(self, seq: Sequence, batch: list[Sequence]) -> list:
         if not self._free:
             self._reclaim(batch)
         row = self._free.pop()
-        self._row[seq.seq_id] = row
-        self._held[row] = (seq.block_table, 0)
+        entry = self._held[seq.seq_id] = [row, seq.block_table, 0]
         self.table[row] = -1
-        return row
+        return entry
 
     def _reclaim(self, batch: list[Sequence]) -> None:
         """Free the rows of sequences not in this step; grow the table if every row is in use."""
         keep = {seq.seq_id for seq in batch}
-        for seq_id in [s for s in self._row if s not in keep]:
-            row = self._row.pop(seq_id)
-            del self._held[row]
-            self._free.append(row)
+        for seq_id in [s for s in self._held if s not in keep]:
+            self._free.append(self._held.pop(seq_id)[0])
         if not self._free:
             n = self.table.shape[0]
             self.table = np.concatenate([self.table, np.full_like(self.table, -1)])

@@ -141,6 +141,8 @@ class LLMEngine:
         logger.debug("request %s: %d prompt tokens", request_id, len(ids))
         seqs = [Sequence(request_id, ids, params, index=i, cache_salt=salt)
                 for i in range(1 if params.use_beam_search else params.n)]
+        for seq in seqs:
+            seq.set_limits(self.eos_token_ids, self.max_model_len)
         req = self.requests[request_id] = Request(request_id, seqs)
         if params.use_beam_search:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
@@ -237,7 +239,7 @@ class LLMEngine:
         seqs, picks = [], []
         for r in rows:
             seq = sampled[r]
-            family = self._fork_siblings(seq) if seq.num_output_tokens == 0 and seq.params.n > 1 else None
+            family = self._fork_siblings(seq) if seq.params.n > 1 and seq.num_output_tokens == 0 else None
             if family:
                 seqs += family
                 picks += [r] * len(family)
@@ -268,8 +270,8 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprobs) -> CoreOutput:
         seq.append_token(token, logprobs)
-        stop_token = self._is_stop_token(seq, token)
-        reason = "stop" if stop_token else self._length_reason(seq)
+        stop_token = token in seq.stop_ids
+        reason = "stop" if stop_token else "length" if len(seq.token_ids) >= seq.max_len else None
         if reason:
             self._finish(seq, reason)
             self._forget_if_done(self.requests[seq.request_id])
@@ -326,12 +328,10 @@ class LLMEngine:
         detok.add(token)
         return "stop" if detok.stopped else self._length_reason(seq)
 
-    def _length_reason(self, seq: Sequence) -> str | None:
-        n, max_tokens = len(seq.token_ids), seq.params.max_tokens
-        if (max_tokens and n - seq.num_prompt_tokens >= max_tokens) or n >= self.max_model_len:
-            return "length"
-        return None
+    @staticmethod
+    def _length_reason(seq: Sequence) -> str | None:
+        return "length" if len(seq.token_ids) >= seq.max_len else None
 
-    def _is_stop_token(self, seq: Sequence, token: int) -> bool:
-        p = seq.params
-        return (token in self.eos_token_ids and not p.ignore_eos) or (bool(p.stop_token_ids) and token in p.stop_token_ids)
+    @staticmethod
+    def _is_stop_token(seq: Sequence, token: int) -> bool:
+        return token in seq.stop_ids

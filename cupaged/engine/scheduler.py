@@ -50,12 +50,16 @@ class ScheduledBatch:
     # Run before the step, in this order: swap-outs (device, host), swap-ins (host, device), copies.
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
-    sample_rows: tuple[int, ...] = field(init=False)  # indices into seqs of the sequences that sample
+    # indices into seqs of the sequences that sample; worked out from seqs when not given
+    sample_rows: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        rows = tuple(i for i, (seq, n) in enumerate(zip(self.seqs, self.num_tokens))
-                     if seq.num_computed_tokens + n == len(seq.token_ids))
-        object.__setattr__(self, "sample_rows", rows)
+        if self.sample_rows is None:
+            rows = (i for i, (seq, n) in enumerate(zip(self.seqs, self.num_tokens))
+                    if seq.num_computed_tokens + n == len(seq.token_ids))
+        else:
+            rows = self.sample_rows
+        object.__setattr__(self, "sample_rows", tuple(rows))
 
     @property
     def total_tokens(self) -> int:
@@ -69,15 +73,24 @@ class ScheduledBatch:
 class _Plan:
     """A step's decision while the scheduler makes it (ScheduledBatch is the finished record)."""
 
-    __slots__ = ("seqs", "num_tokens", "blocks_to_copy", "blocks_to_swap_out", "blocks_to_swap_in", "ids")
+    __slots__ = ("seqs", "num_tokens", "sample_rows", "blocks_to_copy", "blocks_to_swap_out",
+                 "blocks_to_swap_in", "ids")
 
     def __init__(self):
-        self.seqs, self.num_tokens, self.ids = [], [], set()
+        self.seqs, self.num_tokens, self.sample_rows, self.ids = [], [], [], set()
         self.blocks_to_copy, self.blocks_to_swap_out, self.blocks_to_swap_in = [], [], []
+
+    def add(self, seq: Sequence, n: int) -> None:
+        """seq computes n tokens; it samples if they reach its last token."""
+        if seq.num_computed_tokens + n == len(seq.token_ids):
+            self.sample_rows.append(len(self.seqs))
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+        self.ids.add(seq.seq_id)
 
     def batch(self) -> ScheduledBatch:
         return ScheduledBatch(self.seqs, self.num_tokens, self.blocks_to_copy, self.blocks_to_swap_out,
-                              self.blocks_to_swap_in)
+                              self.blocks_to_swap_in, self.sample_rows)
 
 
 class Scheduler:
@@ -123,15 +136,18 @@ class Scheduler:
 
     def _schedule_decodes(self, batch: _Plan, budget: int) -> int:
         """One token each for running sequences that decode, preempting the newest for blocks."""
+        running, fits = SequenceStatus.RUNNING, self.block_manager.fits_in_place
+        seqs, num_tokens, rows, ids = batch.seqs, batch.num_tokens, batch.sample_rows, batch.ids
         for seq in [s for s in self.running if s.num_computed_tokens + 1 == len(s.token_ids)]:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted below, as a victim
+            if seq.status is not running:  # preempted below, as a victim
                 continue
-            if self.block_manager.fits_in_place(seq, 1):  # no block to add: taken without append_slots
-                batch.seqs.append(seq)
-                batch.num_tokens.append(1)
-                batch.ids.add(seq.seq_id)
+            if fits(seq, 1):  # the common decode, inlined: no block to add, so no append_slots
+                rows.append(len(seqs))
+                seqs.append(seq)
+                num_tokens.append(1)
+                ids.add(seq.seq_id)
                 budget -= 1
                 continue
             while not self.block_manager.can_append(seq, 1):
@@ -145,7 +161,7 @@ class Scheduler:
 
     def _schedule_prefill_chunks(self, batch: _Plan, budget: int) -> int:
         """A chunk each for running sequences still in prefill, from what the decodes left."""
-        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+        for seq in [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
@@ -228,9 +244,7 @@ class Scheduler:
 
     def _take(self, batch: _Plan, seq: Sequence, n: int) -> int:
         batch.blocks_to_copy += self.block_manager.append_slots(seq, n)
-        batch.seqs.append(seq)
-        batch.num_tokens.append(n)
-        batch.ids.add(seq.seq_id)
+        batch.add(seq, n)
         return n
 
     def _preempt(self, seq: Sequence, batch: _Plan) -> None:

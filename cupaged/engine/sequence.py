@@ -46,6 +46,9 @@ class Sequence:
         self.cache_salt = cache_salt
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids, lazily
         self.num_cached_blocks = 0  # leading blocks of block_table already in the prefix cache
+        # where it ends (set_limits): a token in stop_ids, or max_len tokens in all
+        self.stop_ids: frozenset[int] = frozenset(params.stop_token_ids or ())
+        self.max_len = self.num_prompt_tokens + params.max_tokens if params.max_tokens else 2**62
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, tokens={self.num_tokens}, "
@@ -77,6 +80,13 @@ class Sequence:
         request's other samples or beams fork from it then), else 1."""
         return self.params.best_of if self.num_output_tokens == 0 else 1
 
+    def set_limits(self, eos_token_ids: set[int], max_model_len: int) -> None:
+        """Fix the ends checked after each token: `stop_ids` (the model's EOS ids unless ignore_eos,
+        plus the request's stop_token_ids) and `max_len` (prompt + max_tokens, within the context)."""
+        if not self.params.ignore_eos:
+            self.stop_ids = self.stop_ids | frozenset(eos_token_ids)
+        self.max_len = min(self.max_len, max_model_len)
+
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
         """logprobs: the position's log-probabilities, which include the chosen token's."""
         self.token_ids.append(token_id)
@@ -91,6 +101,7 @@ class Sequence:
         child.token_ids = list(self.token_ids)
         child.logprobs = list(self.logprobs)
         child.cumulative_logprob = self.cumulative_logprob
+        child.stop_ids, child.max_len = self.stop_ids, self.max_len
         return child
 
     def finish(self, reason: str) -> None:
