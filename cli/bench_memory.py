@@ -2,11 +2,11 @@
 
 A request trace (synthetic ShareGPT-like, or --trace FILE) is replayed through the memory alone, no
 model (`cupaged.cli.memory_sim`): for the same KV memory, paged blocks of 8, 16 and 32 tokens (the
-engine's BlockManager) against one max_model_len slot per sequence. For each: wasted memory (reserved
-but holding no token's K/V) as % of reserved, averaged over the replay and at peak reservation, and
-concurrent requests (peak, mean). Parallel samples (n > 1) share their prompt blocks through
-BlockManager.fork; the saving is measured against independent copies. Prefix-cache reuse is measured
-once BlockManager has its API. A PNG plots memory reserved vs used over time.
+engine's own Scheduler and BlockManager) against one max_model_len slot per sequence. For each: wasted
+memory (reserved but holding no token's K/V) as % of reserved, averaged over the replay and at peak
+reservation, and concurrent requests (peak, mean). Parallel samples (n > 1) share their prompt blocks
+through BlockManager.fork; the saving is measured against independent copies. With shared prefixes
+(--prefix-len), a paged-16 run with the prefix cache on. A PNG plots memory reserved vs used over time.
 
     cupaged bench memory                                   # 1000 synthetic requests, 32k tokens
     cupaged bench memory --n 4 --num-requests 300          # parallel samples sharing prompts
@@ -30,50 +30,45 @@ def build_trace(trace_file, num_requests, rate, n, prefix_len, prefix_groups, ma
                            prefix_groups=prefix_groups, seed=seed)
 
 
-def replay(trace, memory, step_s: float, max_num_seqs: int, block_size: int | None):
-    """Run one memory through the trace; returns (summary dict, StepRecord)."""
-    from cupaged.cli.memory_sim import Replay, summarize_replay
-    run = Replay(trace, memory, step_s, max_num_seqs)
+def replay(run) -> tuple[dict, object]:
+    """Run a replay to its end; returns (summary dict, StepRecord)."""
+    from cupaged.cli.memory_sim import SchedulerReplay, summarize_replay
     record = run.run()
+    block_size = run.block_size if isinstance(run, SchedulerReplay) else None
     return {**summarize_replay(record, block_size), "preemptions": run.num_preemptions}, record
 
 
-def run_memory_benchmark(trace, kv_tokens: int, max_model_len: int, step_s: float, max_num_seqs: int = 256,
-                         watermark: float = 0.01) -> tuple[dict, dict]:
+def run_memory_benchmark(trace, kv_tokens: int, max_model_len: int, step_s: float,
+                         max_num_seqs: int = 256) -> tuple[dict, dict]:
     """Every memory over one trace. Returns (report, {name: StepRecord}) for the table and the plot."""
-    from cupaged.cli.memory_sim import ContiguousMemory, PagedMemory
+    from cupaged.cli.memory_sim import ContiguousMemory, Replay, SchedulerReplay
     rows, records = [], {}
     for bs in PAGED_BLOCK_SIZES:
-        summary, records[f"paged-{bs}"] = replay(trace, PagedMemory(kv_tokens, bs, watermark=watermark), step_s,
-                                                 max_num_seqs, bs)
+        summary, records[f"paged-{bs}"] = replay(SchedulerReplay(trace, kv_tokens, bs, step_s, max_num_seqs))
         rows.append({"memory": f"paged-{bs}", "block_size": bs, **summary})
-    summary, records["contiguous"] = replay(trace, ContiguousMemory(kv_tokens, max_model_len), step_s,
-                                            max_num_seqs, None)
+    summary, records["contiguous"] = replay(Replay(trace, ContiguousMemory(kv_tokens, max_model_len), step_s,
+                                                   max_num_seqs))
     rows.append({"memory": "contiguous", "block_size": None, **summary})
     report = {"kv_tokens": kv_tokens, "max_model_len": max_model_len, "step_ms": 1000 * step_s,
               "trace": describe_trace(trace), "rows": rows, "sharing": None, "prefix_cache": None}
     if any(req.n > 1 for req in trace):
-        copies, _ = replay(trace, PagedMemory(kv_tokens, 16, share=False, watermark=watermark), step_s,
-                           max_num_seqs, 16)
+        copies, _ = replay(SchedulerReplay(trace, kv_tokens, 16, step_s, max_num_seqs, share=False))
         fork = next(r for r in rows if r["memory"] == "paged-16")
         report["sharing"] = {"block_size": 16, "fork": fork, "copies": copies}
     if any(req.prefix_id is not None for req in trace):
-        report["prefix_cache"] = measure_prefix_cache(trace, kv_tokens, step_s, max_num_seqs, watermark)
+        report["prefix_cache"] = measure_prefix_cache(trace, kv_tokens, step_s, max_num_seqs)
     return report, records
 
 
-# --- prefix-caching hook: runs once BlockManager has reuse_cached_prefix / cache_full_blocks -----------
-def measure_prefix_cache(trace, kv_tokens: int, step_s: float, max_num_seqs: int, watermark: float) -> dict:
-    """paged-16 with BlockManager(..., enable_prefix_caching=True): waste, concurrency, blocks saved by
-    sharing (prefix hits and forks), and the cache's hit counters."""
-    from cupaged.cli.memory_sim import PagedMemory, Replay, summarize_replay
-    memory = PagedMemory(kv_tokens, 16, prefix_caching=True, watermark=watermark)
-    run = Replay(trace, memory, step_s, max_num_seqs)
-    summary = summarize_replay(run.run(), 16)
-    bm = memory.bm
-    queries, hits = getattr(bm, "prefix_cache_queries", 0), getattr(bm, "prefix_cache_hits", 0)
-    return {**summary, "preemptions": run.num_preemptions, "tokens_reused": memory.tokens_reused,
-            "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+def measure_prefix_cache(trace, kv_tokens: int, step_s: float, max_num_seqs: int) -> dict:
+    """paged-16 with the engine's prefix cache on: waste, concurrency, blocks saved by sharing (prefix
+    hits and forks), and the cache's counters. Hits count every admission, so a preempted sequence
+    that comes back and finds its own blocks still cached counts them again (as vLLM counts)."""
+    from cupaged.cli.memory_sim import SchedulerReplay
+    run = SchedulerReplay(trace, kv_tokens, 16, step_s, max_num_seqs, prefix_caching=True)
+    summary, _ = replay(run)
+    queries, hits = run.bm.prefix_cache_queries, run.bm.prefix_cache_hits
+    return {**summary, "prefix_cache_queries": queries, "prefix_cache_hits": hits,
             "hit_rate_pct": 100 * hits / queries if queries else None}
 
 
@@ -124,7 +119,9 @@ def format_prefix(prefix: dict | None) -> list[str]:
     if prefix is None:
         return ["prefix cache: no request has a prefix_id"]
     rate = "-" if prefix["hit_rate_pct"] is None else f"{prefix['hit_rate_pct']:.1f}%"
-    return [f"prefix cache, paged-16: {prefix['tokens_reused']} prompt tokens reused, hit rate {rate}, "
+    return [f"prefix cache, paged-16: {prefix['prefix_cache_hits']} prompt tokens reused of "
+            f"{prefix['prefix_cache_queries']} looked up (every admission, re-admissions after preemption too), "
+            f"hit rate {rate}, "
             f"{prefix['saved_blocks_mean']:.0f} blocks shared on average ({prefix['saved_pct']:.1f}%); "
             f"peak / mean concurrent requests {prefix['peak_requests']} / {prefix['mean_requests']:.1f}, "
             f"waste {prefix['waste_mean_pct']:.1f}%"]
@@ -182,18 +179,17 @@ def plot_memory(plt, records: dict, kv_tokens: int, path: str) -> None:
 @click.option("--step-ms", type=float, default=20.0, show_default=True,
               help="Time of one step (one token for every running sequence).")
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--watermark", type=click.FloatRange(0, 0.5), default=0.01, show_default=True,
-              help="Paged: fraction of blocks kept free when admitting (fewer preemptions).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--plot", "plot_path", default="memory.png", show_default=True, help="PNG of memory over time.")
 @click.option("--no-plot", is_flag=True, help="Write no PNG (no matplotlib needed).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def memory(trace_file, num_requests, rate, n, prefix_len, prefix_groups, kv_tokens, max_model_len, step_ms,
-           max_num_seqs, watermark, seed, plot_path, no_plot, as_json):
+           max_num_seqs, seed, plot_path, no_plot, as_json):
     """KV memory waste: paged blocks (8, 16, 32 tokens) vs a contiguous max-length slot per sequence.
 
-    Replays a request trace through the memory alone (no model): each step admits waiting requests
-    while their prompts fit, grows every running sequence by one token and frees finished ones.
+    Replays a request trace through the memory alone (no model): paged layouts through the engine's
+    own scheduler and block manager (admission, preemption by recompute, forks), the contiguous one
+    through a loop that admits while slots last; every running sequence grows a token per step.
     Reports wasted memory (reserved, holding no K/V) as % of reserved, mean and at peak, peak and
     mean concurrent requests, the blocks parallel samples save by sharing their prompt, and plots
     reserved vs used memory over time for paged-16 and contiguous.
@@ -204,8 +200,7 @@ def memory(trace_file, num_requests, rate, n, prefix_len, prefix_groups, kv_toke
     plt = None if no_plot else require_matplotlib()
     try:
         trace = build_trace(trace_file, num_requests, rate, n, prefix_len, prefix_groups, max_model_len, seed)
-        report, records = run_memory_benchmark(trace, kv_tokens, max_model_len, step_ms / 1000, max_num_seqs,
-                                               watermark)
+        report, records = run_memory_benchmark(trace, kv_tokens, max_model_len, step_ms / 1000, max_num_seqs)
     except TraceError as e:
         raise click.ClickException(str(e)) from e
     report["source"] = f"trace {trace_file}" if trace_file else f"synthetic ShareGPT-like trace, {rate:g} req/s, " \

@@ -1,13 +1,14 @@
 """The KV-memory replay behind `cupaged bench memory`: each step's accounting against a naive recount
-from the live block tables, the life of every request, the summary against a plain-Python recount,
-and the trace generator and parser with their errors."""
+from the live block tables (paged: through the engine's own Scheduler and BlockManager), the life of
+every request, the summary against a plain-Python recount, and the trace generator and parser with
+their errors."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from cupaged.cli.memory_sim import ContiguousMemory, PagedMemory, Replay, summarize_replay
+from cupaged.cli.memory_sim import ContiguousMemory, Replay, SchedulerReplay, summarize_replay
 from cupaged.cli.memory_trace import TraceRequest, load_trace, synthetic_trace
 from cupaged.errors import TraceError
 
@@ -16,10 +17,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def naive_paged(replay: Replay) -> tuple[int, int, int]:
+def naive_paged(replay: SchedulerReplay) -> tuple[int, int, int]:
     """(reserved, used, saved blocks) recounted from the running sequences' block tables alone:
     a physical block counts once, holding the tokens of its fullest holder."""
-    bs = replay.memory.block_size
+    bs = replay.block_size
     filled: dict[int, int] = {}
     for seq in replay.running:
         for index, block in enumerate(seq.block_table):
@@ -28,7 +29,7 @@ def naive_paged(replay: Replay) -> tuple[int, int, int]:
     return len(filled) * bs, sum(filled.values()), references - len(filled)
 
 
-def drive(replay: Replay, check) -> dict[int, int]:
+def drive(replay, check) -> dict[int, int]:
     """Run replay to the end, calling check() after each step; returns the most tokens each seq held."""
     most: dict[int, int] = {}
     while not replay.done():
@@ -47,7 +48,7 @@ def small_trace(n: int = 1, num: int = 40, seed: int = 3) -> list[TraceRequest]:
 @pytest.mark.parametrize("n", [1, 3])
 def test_paged_accounting_matches_a_naive_recount(block_size, n):
     trace = small_trace(n)
-    replay = Replay(trace, PagedMemory(512, block_size), step_s=0.01)
+    replay = SchedulerReplay(trace, 512, block_size, step_s=0.01)
     rec = replay.record
 
     def check():
@@ -57,14 +58,17 @@ def test_paged_accounting_matches_a_naive_recount(block_size, n):
             assert reserved - used == sum(len(s.block_table) * block_size - s.num_computed_tokens
                                           for s in replay.running)
         assert rec.running_requests[-1] == len({s.request_id for s in replay.running})
-        for seq in replay.running:
-            assert seq.num_computed_tokens == seq.num_tokens
-            assert len(seq.block_table) == cdiv(seq.num_tokens, block_size)
+        for seq in replay.running:  # as in the engine: the token sampled last is computed next step
+            assert seq.num_computed_tokens == seq.num_tokens - 1
+            assert len(seq.block_table) == cdiv(seq.num_computed_tokens, block_size)
 
     most = drive(replay, check)
     assert replay.num_preemptions > 0, "the pool was meant to be tight enough to preempt"
-    assert sorted(most.values()) == sorted(r.input_len + r.output_len for r in trace for _ in range(r.n))
-    assert replay.memory.bm.num_free_blocks == replay.memory.bm.num_blocks
+    # recorded after each step, a sequence holds at most target - 2 tokens: the step that computes
+    # target - 1 samples its last token (never computed), which finishes and frees it
+    assert sorted(most.values()) == sorted(r.input_len + r.output_len - 2 for r in trace for _ in range(r.n)
+                                           if r.output_len > 1)
+    assert replay.bm.num_free_blocks == replay.bm.num_blocks
     assert n == 1 or max(rec.saved_blocks) > 0
 
 
@@ -84,8 +88,8 @@ def test_contiguous_accounting_matches_a_naive_recount():
 def test_fork_saves_exactly_the_blocks_copies_would_add():
     # Ample memory: both runs take the same steps, so the copies' extra blocks are the fork's saving.
     trace = small_trace(n=4, num=12)
-    fork = Replay(trace, PagedMemory(1 << 16, 16, share=True), 0.01).run()
-    copies = Replay(trace, PagedMemory(1 << 16, 16, share=False), 0.01).run()
+    fork = SchedulerReplay(trace, 1 << 16, 16, 0.01, share=True).run()
+    copies = SchedulerReplay(trace, 1 << 16, 16, 0.01, share=False).run()
     assert fork.time_s == copies.time_s and fork.running_requests == copies.running_requests
     assert [c - f for c, f in zip(copies.reserved_tokens, fork.reserved_tokens)] == \
         [16 * s for s in fork.saved_blocks]
@@ -97,7 +101,7 @@ def test_fork_saves_exactly_the_blocks_copies_would_add():
 
 def test_summary_against_a_plain_recount():
     trace = small_trace()
-    rec = Replay(trace, PagedMemory(1024, 16), 0.01).run()
+    rec = SchedulerReplay(trace, 1024, 16, 0.01).run()
     s = summarize_replay(rec, 16)
     steps = [(r, u, q) for r, u, q in zip(rec.reserved_tokens, rec.used_tokens, rec.running_requests) if r]
     assert s["waste_mean_pct"] == pytest.approx(sum(100 * (r - u) / r for r, u, _ in steps) / len(steps))
@@ -111,41 +115,40 @@ def test_summary_against_a_plain_recount():
 
 def test_idle_gaps_are_skipped_and_arrivals_wait_for_their_time():
     trace = [TraceRequest(0.0, 10, 3), TraceRequest(5.0, 10, 3)]
-    replay = Replay(trace, PagedMemory(256, 16), step_s=0.1)
+    replay = SchedulerReplay(trace, 256, 16, step_s=0.1)
     rec = replay.run()
-    # each: admitted with 10 tokens, grows to 13 three steps later, freed the step after
-    assert rec.time_s == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 5.0, 5.1, 5.2, 5.3, 5.4])
-    assert rec.used_tokens == [10, 11, 12, 13, 0, 10, 11, 12, 13, 0]
-    assert rec.reserved_tokens == [16] * 4 + [0] + [16] * 4 + [0]
+    # each: prefilled with its first token sampled, then 2 decodes; its third token finishes and frees it
+    assert rec.time_s == pytest.approx([0.0, 0.1, 0.2, 5.0, 5.1, 5.2])
+    assert rec.used_tokens == [10, 11, 0, 10, 11, 0]
+    assert rec.reserved_tokens == [16, 16, 0, 16, 16, 0]
 
 
 def test_a_prompt_as_large_as_the_pool_is_admitted_when_it_is_alone():
-    # a 10% watermark would hold back a 16-block prompt in a 16-block pool forever
-    replay = Replay([TraceRequest(0.0, 250, 6), TraceRequest(0.0, 10, 2)], PagedMemory(256, 16, watermark=0.1), 0.01)
+    replay = SchedulerReplay([TraceRequest(0.0, 250, 6), TraceRequest(0.0, 10, 2)], 256, 16, 0.01)
     rec = replay.run()
     assert rec.reserved_tokens[0] == 256 and rec.running_requests[:2] == [1, 1] and replay.done()
 
 
 def test_a_request_that_can_never_run_is_named():
     with pytest.raises(TraceError, match="needs 20 blocks of 16, the pool has 16"):
-        Replay([TraceRequest(0.0, 300, 20)], PagedMemory(256, 16), 0.01)
+        SchedulerReplay([TraceRequest(0.0, 300, 20)], 256, 16, 0.01)
     with pytest.raises(TraceError, match="exceed max_model_len 256"):
         Replay([TraceRequest(0.0, 250, 20)], ContiguousMemory(1024, 256), 0.01)
     with pytest.raises(TraceError, match="exceeds max_num_seqs 2"):
-        Replay([TraceRequest(0.0, 5, 5, n=3)], PagedMemory(1024, 16), 0.01, max_num_seqs=2)
+        SchedulerReplay([TraceRequest(0.0, 5, 5, n=3)], 1024, 16, 0.01, max_num_seqs=2)
 
 
 def test_prefix_cache_hook_reuses_shared_prefixes():
     trace = synthetic_trace(30, rate=50.0, max_model_len=512, prefix_len=64, prefix_groups=2, mean_input=30,
                             mean_output=20, seed=1)
-    replay = Replay(trace, PagedMemory(4096, 16, prefix_caching=True), 0.01)
+    replay = SchedulerReplay(trace, 4096, 16, 0.01, prefix_caching=True)
 
     def check():
         reserved, used, saved = naive_paged(replay)
         assert (replay.record.reserved_tokens[-1], replay.record.used_tokens[-1]) == (reserved, used)
 
     drive(replay, check)
-    assert replay.memory.tokens_reused > 0 and replay.memory.bm.prefix_cache_hits > 0
+    assert replay.bm.prefix_cache_hits > 0
 
 
 # ---- traces ---------------------------------------------------------------------------------------
