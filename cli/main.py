@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import sys
 
@@ -21,19 +22,23 @@ def _fail(e: Exception) -> None:
     raise click.ClickException(str(e)) from e
 
 
-def parse_memory(text: str) -> float | None:
-    """'auto' (None), '0.1' (a fraction of RAM), '2GiB', '512MiB' or a byte count -> EngineConfig.kv_cache_memory."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+def parse_memory(text: str) -> dict:
+    """'auto', '0.1' (a share of RAM), '2GiB', '512MiB' or a byte count -> the EngineConfig field it sets
+    ({}, {"kv_cache_fraction": 0.1} or {"kv_cache_memory": bytes})."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
     lower = text.strip().lower()
     if lower == "auto":
-        return None
-    for unit, scale in units.items():
-        if lower.endswith(unit):
-            return float(lower[:-len(unit)]) * scale
+        return {}
+    scale = next((units[u] for u in units if lower.endswith(u)), None)
     try:
-        return float(lower)
+        value = float(lower[:-len(next(u for u in units if lower.endswith(u)))] if scale else lower)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a fraction of RAM (0.1) or a size (2GiB, 512MiB)") from None
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"{text!r} is not a share of RAM (0.1) or a size (2GiB, 512MiB)")
+    if scale is None and value <= 1:
+        return {"kv_cache_fraction": value}
+    return {"kv_cache_memory": int(value * (scale or 1))}
 
 
 def model_options(f):
@@ -75,13 +80,13 @@ def sampling_options(f):
     return f
 
 
-def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memory: float | None, dtype: str = "auto",
+def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memory: dict, dtype: str = "auto",
              **kwargs):
     from cupaged.errors import CupagedError
     from cupaged.llm import LLM
     try:
-        llm = LLM(model=model, backend=backend, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                  dtype=dtype, **kwargs)
+        llm = LLM(model=model, backend=backend, max_model_len=max_model_len, dtype=dtype, **kv_cache_memory,
+                  **kwargs)
     except CupagedError as e:
         _fail(e)
     if llm.engine.ops.name == "cpu":

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from cupaged.errors import InvalidRequestError
+from cupaged.validation import check, is_bool, is_int, is_number
 
 
 @dataclass
@@ -78,23 +76,23 @@ class SamplingParams:
         are ints (NumPy's too, never floats or bools), floats are finite numbers, stop strings are
         non-empty str and stop token ids ints >= 0. Each error names the field and the value."""
         for name in ("ignore_eos", "skip_special_tokens", "use_beam_search"):
-            _check(name, getattr(self, name), _is_bool(getattr(self, name)), "a bool (True or False)")
+            check(name, getattr(self, name), is_bool(getattr(self, name)), "a bool (True or False)")
         for name, optional in (("n", False), ("top_k", False), ("seed", True), ("max_tokens", True),
                                ("logprobs", True), ("best_of", True)):
             value = getattr(self, name)
-            _check(name, value, (optional and value is None) or _is_int(value),
+            check(name, value, (optional and value is None) or is_int(value),
                    "an int" + (" or None" if optional else ""))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty", "length_penalty"):
             value = getattr(self, name)
-            _check(name, value, _is_number(value) and math.isfinite(value), "a finite number")
+            check(name, value, is_number(value) and math.isfinite(value), "a finite number")
         stop = self.stop
         ok = stop is None or (isinstance(stop, str) and stop) or (
             isinstance(stop, (list, tuple)) and all(isinstance(x, str) and x for x in stop))
-        _check("stop", stop, ok, "a non-empty str or a list of non-empty str")
+        check("stop", stop, ok, "a non-empty str or a list of non-empty str")
         ids = self.stop_token_ids
-        ok = ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids))
-        _check("stop_token_ids", ids, ok, "a list of token ids (ints >= 0)")
+        ok = ids is None or (isinstance(ids, (list, tuple)) and all(is_int(t) and t >= 0 for t in ids))
+        check("stop_token_ids", ids, ok, "a list of token ids (ints >= 0)")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed!r}")
 
@@ -159,21 +157,3 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-def _is_bool(value) -> bool:
-    return isinstance(value, (bool, np.bool_))
-
-
-def _is_int(value) -> bool:
-    """An int, NumPy's included, but not a bool."""
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not _is_bool(value)
-
-
-def _check(name: str, value, ok: bool, what: str) -> None:
-    if not ok:
-        raise InvalidRequestError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
