@@ -14,9 +14,11 @@ from collections.abc import Iterator, Sequence
 from cupaged.backend.ops import Ops
 from cupaged.config import EngineConfig
 from cupaged.engine.engine import LLMEngine
+from cupaged.errors import InvalidRequestError
 from cupaged.engine.output_processor import RequestQueue
 from cupaged.outputs import RequestOutput
 from cupaged.sampling_params import SamplingParams
+from cupaged.validation import check_messages, is_int
 
 
 class LLM:
@@ -30,6 +32,10 @@ class LLM:
         kv_cache_memory, gpu_memory_utilization, enforce_eager, seed, progress, enable_prefix_caching
         (default True), preemption_mode ("recompute" or "swap"), swap_space (GiB of host memory for
         swapped-out KV blocks)."""
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(EngineConfig)})
+        if unknown:
+            raise InvalidRequestError(f"unknown engine option(s) {', '.join(unknown)} (EngineConfig's fields are "
+                                      f"{', '.join(f.name for f in dataclasses.fields(EngineConfig))})")
         ops = backend if isinstance(backend, Ops) else None
         config = EngineConfig(model=model, backend=ops.name if ops else backend, **kwargs)
         self.engine = LLMEngine(config, ops=ops)
@@ -43,9 +49,17 @@ class LLM:
         If anything interrupts it (an exception, KeyboardInterrupt), its requests are aborted."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise InvalidRequestError(f"prompts must be a str, a dict or a list of prompts, got {type(prompts).__name__}")
+        if prompts and all(is_int(p) for p in prompts):
+            raise InvalidRequestError("prompts is a list of ints: pass token ids as [[...]] (one prompt) or "
+                                      "{'prompt_token_ids': [...]}")
         params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        for p in params_list:
+            if p is not None and not isinstance(p, SamplingParams):
+                raise InvalidRequestError(f"params must be SamplingParams (or a list of them), got {type(p).__name__}")
         final = [dataclasses.replace(p or SamplingParams(), output_kind="final") for p in params_list]
         queues = [RequestQueue() for _ in prompts]
         ids: list[str] = []
@@ -61,11 +75,11 @@ class LLM:
         return [q.get() for q in queues]
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
-        """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]."""
+        """messages: [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]."""
         return self.generate(self.chat_prompt(messages), params)[0]
 
     def chat_prompt(self, messages: list[dict]) -> dict:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(check_messages(messages), add_generation_prompt=True)
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:

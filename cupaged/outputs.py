@@ -10,7 +10,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     delta: str = ""                    # text that is new since the previous output (for streaming)
     cumulative_logprob: float | None = None  # sum of the tokens' log-probs (with logprobs or beam search)
 
@@ -26,3 +26,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    error: str | None = None  # why the request failed inside a step (its outputs: finish_reason "error")

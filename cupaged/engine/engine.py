@@ -24,9 +24,11 @@ import itertools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 
 from cupaged.backend import Ops, get_ops
-from cupaged.config import EngineConfig
+from cupaged.config import EngineConfig, physical_memory
 from cupaged.engine.beam import BeamSearch, log_softmax
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner, profile_forward
@@ -43,6 +45,7 @@ from cupaged.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from cupaged.outputs import RequestOutput
 from cupaged.sampling_params import SamplingParams
 from cupaged.util import cdiv
+from cupaged.validation import PROMPT_KEYS, check, check_token_ids
 from cupaged.weights.store import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -70,7 +73,10 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.model_dir)
         self.ops = ops if ops is not None else get_ops(config.backend, config.dtype)
         self.model = LlamaModel(cfg, self.ops, load_model_weights(self.model_dir, cfg))
-        self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+        if config.max_model_len is not None and config.max_model_len > cfg.max_position:
+            raise InvalidRequestError(f"max_model_len {config.max_model_len} is longer than the model's context "
+                                      f"(max_position_embeddings {cfg.max_position} in {self.model_dir / 'config.json'})")
+        self.max_model_len = config.max_model_len or cfg.max_position
         num_blocks, num_host_blocks = self._num_blocks(), self._num_host_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, num_host_blocks,
                                           enable_prefix_caching=config.enable_prefix_caching)
@@ -85,6 +91,7 @@ class LLMEngine:
         self.eos_token_ids = set(cfg.eos_token_ids) | self.tokenizer.eos_token_ids
         self.requests: dict[str, Request] = {}
         self.outputs = OutputProcessor(self.tokenizer)
+        self._failed: list[tuple[str, Exception]] = []  # (request id, why) of requests failed this step
         self._ids = itertools.count()
         logger.info("engine ready: %s on %s, %d KV blocks (%d tokens), max_model_len %d",
                     cfg.model_type, self.ops.name, num_blocks, num_blocks * config.block_size, self.max_model_len)
@@ -94,12 +101,14 @@ class LLMEngine:
         (CUDA: a profiling forward against gpu_memory_utilization), else 0.1 of RAM."""
         cfg, bs = self.config, self.config.block_size
         budget = None
-        if cfg.kv_cache_memory is None:
+        if cfg.kv_cache_memory is None and cfg.kv_cache_fraction is None:
             budget = self.ops.profile_kv_budget(
                 lambda: profile_forward(self.model, self.ops, bs, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                         self.max_model_len), cfg.gpu_memory_utilization)
-        knob = "kv_cache_memory" if budget is None else "gpu_memory_utilization"
+        knob = ("kv_cache_fraction" if cfg.kv_cache_fraction is not None else "kv_cache_memory") if budget is None \
+            else "gpu_memory_utilization"
         budget = cfg.kv_cache_bytes() if budget is None else budget
+        self._check_fits(budget, knob)
         per_block = bs * self.model_config.kv_bytes_per_token(self.ops.itemsize)
         num_blocks = budget // per_block
         if num_blocks * bs < self.max_model_len:
@@ -112,6 +121,15 @@ class LLMEngine:
                     num_blocks, bs, num_blocks * per_block / 2**20, num_blocks * bs / self.max_model_len,
                     self.max_model_len)
         return int(num_blocks)
+
+    def _check_fits(self, budget: int, knob: str) -> None:
+        """A pool the memory it lives in cannot hold is refused now, not when the OS kills the process."""
+        device = getattr(self.ops, "device", None)
+        info = device.memory_info() if device is not None else None
+        where, total = ("device", info[1]) if info else ("host", physical_memory())
+        if budget > 0.9 * total:
+            raise OutOfMemoryError(f"{knob} asks for a {budget / 2**30:.1f} GiB KV pool, more than 90% of the "
+                                   f"{total / 2**30:.1f} GiB of {where} memory it would live in")
 
     def _num_host_blocks(self) -> int:
         """Blocks of the swap pool: swap_space over the size of one block (0 unless preemption_mode is "swap")."""
@@ -129,7 +147,9 @@ class LLMEngine:
         Requests with different cache salts (the dict's own, else `cache_salt`) never share cached
         K/V blocks. With a `queue`, the request's outputs go there and only there; without one, step()
         returns them. Returns the request id."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests or self.outputs.has(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -152,22 +172,26 @@ class LLMEngine:
         return request_id
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        """A prompt (str, token ids, or a dict of PROMPT_KEYS) -> (its text or None, its token ids)."""
+        vocab = self.model_config.vocab_size
         if isinstance(prompt, dict):
+            unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+            if unknown:
+                raise InvalidRequestError(f"unknown prompt key(s) {unknown}: a prompt dict takes {', '.join(PROMPT_KEYS)}")
             text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
             if ids is None and text is None:
                 raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-            if ids is None:
-                ids = self.tokenizer.encode(text)
+            check("prompt", text, text is None or isinstance(text, str), "a str")
+            ids = self.tokenizer.encode(text) if ids is None else check_token_ids("prompt_token_ids", ids, vocab)
         elif isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt) if prompt else []
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            text, ids = None, check_token_ids("prompt token ids", prompt, vocab)
         else:
-            text, ids = None, prompt
-        ids = [int(t) for t in ids]
+            raise InvalidRequestError(f"a prompt must be a str, a list of token ids or a dict, got "
+                                      f"{type(prompt).__name__} {prompt!r:.60}")
         if not ids:
             raise InvalidRequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt is {len(ids)} tokens, but the context length is {self.max_model_len} "
@@ -208,16 +232,33 @@ class LLMEngine:
         """Run one scheduled batch. Returns the outputs of the requests added without a queue that
         moved; queued requests get theirs in their queue."""
         batch = self.scheduler.schedule()
+        self._failed = []
         if not batch.seqs:
             self.runner.move_blocks(batch)  # a step may only swap out (each victim is saved all the same)
             core = []
         else:
             core = self.update_from_output(batch, self.runner.run(batch))
-        returned, stopped = self.outputs.process(core)
+        returned, stopped, failed = self.outputs.process(core)
         for request_id, index in stopped:  # a stop string: finished and freed in this same step
-            self._finish(self.requests[request_id].seqs[index], "stop")
-            self._forget_if_done(self.requests[request_id])
+            req = self.requests.get(request_id)
+            if req is not None:
+                self._finish(req.seqs[index], "stop")
+                self._forget_if_done(req)
+        for request_id, exc in self._failed + failed:
+            out = self._fail(request_id, exc)
+            if out is not None:
+                returned.append(out)
         return returned
+
+    def _fail(self, request_id: str, exc: Exception) -> RequestOutput | None:
+        """A request that failed inside a step ends alone: finish_reason "error" with the message on its
+        last output, its blocks freed; every other request goes on."""
+        logger.error("request %s failed in a step and was finished with an error: %s: %s", request_id,
+                     type(exc).__name__, exc, exc_info=exc)
+        req = self.requests.pop(request_id, None)
+        for seq in req.live_seqs() if req else []:
+            self._finish(seq, "error")
+        return self.outputs.abort(request_id, "error", f"request {request_id} failed: {type(exc).__name__}: {exc}")
 
     def update_from_output(self, batch: ScheduledBatch, logits) -> list[CoreOutput]:
         """All post-step bookkeeping, in order: advance what was computed and name newly full blocks,
@@ -250,8 +291,25 @@ class LLMEngine:
             return []
         if len(picks) != len(sampled) or picks[-1] != len(sampled) - 1:
             logits = self.ops.take_rows(logits, picks)  # [len(seqs), V]
-        tokens, logprobs = self.sampler.sample(logits, seqs)
+        try:
+            tokens, logprobs = self.sampler.sample(logits, seqs)
+        except Exception:  # one row's sampling failed the batch: sample each alone, fail only the culprits
+            return self._draw_each(logits, seqs)
         return [self._append(seq, token, lp) for seq, token, lp in zip(seqs, tokens, logprobs)]
+
+    def _draw_each(self, logits, seqs: list[Sequence]) -> list[CoreOutput]:
+        """The slow path after a failed sample: row by row; a row that fails again fails its request."""
+        moved = []
+        for row, seq in enumerate(seqs):
+            if seq.request_id in {rid for rid, _ in self._failed}:
+                continue
+            try:
+                tokens, logprobs = self.sampler.sample(self.ops.take_rows(logits, [row]), [seq])
+            except Exception as exc:
+                self._failed.append((seq.request_id, exc))
+                continue
+            moved.append(self._append(seq, tokens[0], logprobs[0]))
+        return moved
 
     def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
         """At the first token of a request's first sample, the other samples fork from it: they share
@@ -300,10 +358,13 @@ class LLMEngine:
             req.search.offer(sampled[r], logprobs[row])
         done = []
         for req in reqs.values():
-            if req.search.ready():
-                self._step_search(req)
-                if req.search.done:
-                    done.append(self._search_output(req))
+            try:
+                if req.search.ready():
+                    self._step_search(req)
+                    if req.search.done:
+                        done.append(self._search_output(req))
+            except Exception as exc:  # this search alone ends
+                self._failed.append((req.request_id, exc))
         return done
 
     def _step_search(self, req: Request) -> None:

@@ -102,44 +102,58 @@ class OutputProcessor:
                         cumulative_logprob=0.0 if params.logprobs is not None else None) for _ in range(n)]
         self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params.output_kind, outs, queue)
 
-    def process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
-        """-> (the outputs for step()'s caller, the (request id, index) a stop string finished now).
+    def process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, int]],
+                                                               list[tuple[str, Exception]]]:
+        """-> (the outputs for step()'s caller, the (request id, index) a stop string finished now, the
+        (request id, exception) of requests whose outputs failed to process: the engine fails them).
         A request with one output is delivered as its record is read; one with several (n > 1, beam
         search) once all of this step's records are in, so each caller gets one output per step."""
         returned: list[RequestOutput] = []
-        stopped = []
+        stopped, failed = [], []
         several: dict[str, _RequestState] = {}
         states, take = self.states, self._take
         for co in core_outputs:
-            state = states[co.request_id]
-            if co.hypotheses is not None:
-                self._take_hypotheses(state, co.hypotheses)
-            elif take(state.outputs[co.index], co):
-                stopped.append((co.request_id, co.index))
-            if len(state.outputs) > 1:
-                several[co.request_id] = state
+            state = states.get(co.request_id)
+            if state is None:  # failed earlier in this step
                 continue
-            o = state.outputs[0]
-            finished = o.finish_reason is not None
-            if state.kind == "delta":  # a stream's step, built here: the common case, kept short
-                delta = o.detok.delta(finished)
-                sent, o.sent_ids = o.sent_ids, len(o.token_ids)
-                out = RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [CompletionOutput(
-                    0, delta, o.token_ids[sent:], o.logprobs[sent:] if o.logprobs is not None else None,
-                    o.finish_reason, delta, o.cumulative_logprob)], finished)
-                if finished:
-                    del states[co.request_id]
-                if state.queue is not None:
-                    state.queue.put(out)
-                else:
-                    returned.append(out)
-            elif finished or state.kind != "final":
-                self._deliver(state, finished, returned)
+            try:
+                if co.hypotheses is not None:
+                    self._take_hypotheses(state, co.hypotheses)
+                elif take(state.outputs[co.index], co):
+                    stopped.append((co.request_id, co.index))
+                if len(state.outputs) > 1:
+                    several[co.request_id] = state
+                    continue
+                self._deliver_one(state, returned)
+            except Exception as exc:  # one request's text failed: it alone ends (engine.py, _fail)
+                failed.append((co.request_id, exc))
+                several.pop(co.request_id, None)
         for state in several.values():
-            finished = state.finished
-            if finished or state.kind != "final":
-                self._deliver(state, finished, returned)
-        return returned, stopped
+            try:
+                finished = state.finished
+                if finished or state.kind != "final":
+                    self._deliver(state, finished, returned)
+            except Exception as exc:
+                failed.append((state.request_id, exc))
+        return returned, stopped, failed
+
+    def _deliver_one(self, state: _RequestState, returned: list[RequestOutput]) -> None:
+        o = state.outputs[0]
+        finished = o.finish_reason is not None
+        if state.kind == "delta":  # a stream's step, built here: the common case, kept short
+            delta = o.detok.delta(finished)
+            sent, o.sent_ids = o.sent_ids, len(o.token_ids)
+            out = RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [CompletionOutput(
+                0, delta, o.token_ids[sent:], o.logprobs[sent:] if o.logprobs is not None else None,
+                o.finish_reason, delta, o.cumulative_logprob)], finished)
+            if finished:
+                del self.states[state.request_id]
+            if state.queue is not None:
+                state.queue.put(out)
+            else:
+                returned.append(out)
+        elif finished or state.kind != "final":
+            self._deliver(state, finished, returned)
 
     def _deliver(self, state: _RequestState, finished: bool, returned: list[RequestOutput]) -> None:
         out = self._build(state, finished)
@@ -150,16 +164,26 @@ class OutputProcessor:
         else:
             returned.append(out)
 
-    def abort(self, request_id: str) -> None:
-        """End a request: its queue, if it has one, gets a last output (finish_reason "abort" on the
-        outputs not finished yet). A request without a queue gets none, as in vLLM: whoever drives
-        step() aborted it, or can ask `LLMEngine.is_finished`."""
+    def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> RequestOutput | None:
+        """End a request: its outputs not finished yet get `reason`, and its queue, if it has one, a last
+        output. A request without a queue gets that output returned only when it failed (error set): an
+        abort came from whoever drives step(), who knows, as in vLLM (`LLMEngine.is_finished` tells)."""
         state = self.states.pop(request_id, None)
-        if state is None or state.queue is None:
-            return
+        if state is None:
+            return None
         for o in state.outputs:
-            o.finish_reason = o.finish_reason or "abort"
-        state.queue.put(self._build(state, final=True))
+            o.finish_reason = o.finish_reason or reason
+        try:
+            out = self._build(state, final=True)
+        except Exception:  # the text itself is what failed: the last output carries none
+            out = RequestOutput(request_id, state.prompt, state.prompt_token_ids, [
+                CompletionOutput(i, "", list(o.token_ids), None, o.finish_reason) for i, o in enumerate(state.outputs)],
+                True)
+        out.error = error
+        if state.queue is not None:
+            state.queue.put(out)
+            return None
+        return out if error is not None else None
 
     def has(self, request_id: str) -> bool:
         return request_id in self.states
