@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cupaged.errors import UnsupportedModelError, WeightsError
+from cupaged.validation import is_finite, is_int
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -41,11 +42,19 @@ class ModelConfig:
             raise WeightsError(f"{model_dir}: no config.json (a model directory needs config.json and *.safetensors)")
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{path}: cannot read the model config: {e!r}") from e
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{path}: not valid JSON: {e}") from e
+        except KeyError as e:
+            raise WeightsError(f"{path}: the model config has no {e.args[0]!r}") from e
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            raise WeightsError(f"{path}: cannot read the model config: {e}") from e
+        except WeightsError as e:
+            raise WeightsError(f"{path}: {e}") from e
 
     @classmethod
     def from_dict(cls, c: dict) -> "ModelConfig":
+        if not isinstance(c, dict):
+            raise WeightsError(f"the model config must be a JSON object, got {type(c).__name__}")
         model_type = c.get("model_type", "")
         if model_type not in SUPPORTED:
             raise UnsupportedModelError(
@@ -59,7 +68,7 @@ class ModelConfig:
         if model_type in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
             window = 0
         heads = c["num_attention_heads"]
-        return cls(
+        config = cls(
             model_type=model_type,
             vocab_size=c["vocab_size"],
             hidden_size=c["hidden_size"],
@@ -79,6 +88,29 @@ class ModelConfig:
             bos_token_id=c.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Types and ranges of the fields the model computes with; a WeightsError names the first bad one."""
+        def bad(name: str, what: str) -> None:
+            raise WeightsError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "an int >= 1")
+        if not is_int(self.max_position) or self.max_position < 2:
+            bad("max_position", "an int >= 2 (config.json max_position_embeddings)")
+        if self.num_heads % self.num_kv_heads:
+            bad("num_kv_heads", f"a divisor of num_heads {self.num_heads}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not is_finite(getattr(self, name)) or getattr(self, name) <= 0:
+                bad(name, "a finite number > 0")
+        if not is_int(self.sliding_window) or self.sliding_window < 0:
+            bad("sliding_window", "an int >= 0")
+        if not all(is_int(t) and 0 <= t < self.vocab_size for t in self.eos_token_ids):
+            bad("eos_token_ids", f"token ids in [0, {self.vocab_size})")
 
     def kv_bytes_per_token(self, itemsize: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize

@@ -29,7 +29,10 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise WeightsError(f"{model_dir}: no tokenizer.json")
-        self._tok = self.hf = HFTokenizer.from_file(str(path))
+        try:
+            self._tok = self.hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the bindings raise a bare Exception with serde's message
+            raise WeightsError(f"{path}: not a tokenizer the tokenizers library can read: {e}") from e
         self.config = _read_json(model_dir / "tokenizer_config.json")
         self.chat_template = self.config.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
@@ -48,7 +51,11 @@ class Tokenizer:
             if token and self._tok.token_to_id(token) is not None:
                 ids.add(self._tok.token_to_id(token))
         gen = _read_json(model_dir / "generation_config.json").get("eos_token_id")
-        ids.update([gen] if isinstance(gen, int) else (gen or []))
+        gen = [] if gen is None else [gen] if isinstance(gen, int) else gen
+        if not (isinstance(gen, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in gen)):
+            raise WeightsError(f"{model_dir / 'generation_config.json'}: eos_token_id must be a token id or a "
+                               f"list of them, got {gen!r}")
+        ids.update(gen)
         return ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -79,7 +86,16 @@ def _token_str(token) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object from path ({} if there is no such file); anything else is a WeightsError naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _raise(message: str):

@@ -58,9 +58,9 @@ def test_prompt_dict_without_a_prompt(smol_llm):
 
 
 def test_token_id_outside_the_vocabulary(smol_llm):
-    with pytest.raises(InvalidRequestError, match=r"token ids must be in \[0, 49152\)"):
+    with pytest.raises(InvalidRequestError, match=r"prompt_token_ids\[2\] = 49152 is not a token id.*\[0, 49152\)"):
         smol_llm.generate({"prompt_token_ids": [1, 2, 49152]})
-    with pytest.raises(InvalidRequestError, match="token ids"):
+    with pytest.raises(InvalidRequestError, match=r"prompt_token_ids\[0\] = -1 is not a token id"):
         smol_llm.generate({"prompt_token_ids": [-1, 5]})
     assert_still_serves(smol_llm)
 
@@ -186,3 +186,158 @@ def test_gpu_memory_utilization_outside_its_range(value):
     from cupaged.config import EngineConfig
     with pytest.raises(InvalidRequestError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
         EngineConfig(gpu_memory_utilization=value)
+
+
+# --- typed validation at the boundary: config, prompts, chat messages -------------------------------
+BAD_CONFIGS = [
+    (dict(block_size=16.0), "block_size must be an int, got 16.0"),
+    (dict(max_num_seqs=2.5), "max_num_seqs must be an int, got 2.5"),
+    (dict(max_num_batched_tokens=True), "max_num_batched_tokens must be an int"),
+    (dict(max_model_len=0), "max_model_len must be at least 2"),
+    (dict(max_model_len=-5), "max_model_len must be at least 2"),
+    (dict(max_model_len=512.0), "max_model_len must be an int or None"),
+    (dict(kv_cache_memory="1GB"), "kv_cache_memory must be an int or None, got '1GB'"),
+    (dict(kv_cache_memory=float("nan")), "kv_cache_memory must be an int or None"),
+    (dict(kv_cache_memory=float("inf")), "kv_cache_memory must be an int or None"),
+    (dict(kv_cache_memory=0), "kv_cache_memory is bytes and must be >= 1"),
+    (dict(kv_cache_fraction=1), r"kv_cache_fraction must be in \(0, 0.9\]"),
+    (dict(kv_cache_fraction=float("nan")), "kv_cache_fraction must be a finite number"),
+    (dict(kv_cache_fraction=0.1, kv_cache_memory=2**20), "not both"),
+    (dict(seed=-1), r"seed must be in \[0, 2\*\*63\)"),
+    (dict(seed=1.5), "seed must be an int or None"),
+    (dict(model=None), "model must be a model name"),
+    (dict(model=""), "model must be a model name"),
+    (dict(enforce_eager="no"), "enforce_eager must be a bool"),
+    (dict(enable_prefix_caching=1), "enable_prefix_caching must be a bool"),
+    (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization must be a finite number"),
+    (dict(backend=None), "backend must be a str"),
+]
+
+
+@pytest.mark.parametrize("kw, message", BAD_CONFIGS, ids=lambda v: repr(v))
+def test_bad_engine_config_is_refused_by_name(kw, message):
+    from cupaged.config import EngineConfig
+    with pytest.raises(InvalidRequestError, match=message):
+        EngineConfig(**kw)
+
+
+def test_numpy_ints_are_config_ints():
+    from cupaged.config import EngineConfig
+    config = EngineConfig(block_size=np.int64(16), max_num_seqs=np.int32(8), kv_cache_memory=np.int64(2**20))
+    assert config.kv_cache_bytes() == 2**20
+
+
+def test_unknown_engine_option_is_named(smollm2_dir):
+    with pytest.raises(InvalidRequestError, match="unknown engine option.*max_num_seq\\b"):
+        LLM(model=str(smollm2_dir), backend="cpu", max_num_seq=4)
+
+
+def test_kv_pool_larger_than_memory_is_refused(smollm2_dir):
+    from cupaged.config import physical_memory
+    with pytest.raises(OutOfMemoryError, match="kv_cache_memory asks for .* more than 90% of the .* host memory"):
+        LLM(model=str(smollm2_dir), backend="cpu", kv_cache_memory=2 * physical_memory(), progress=False)
+
+
+def test_max_model_len_beyond_the_model_names_its_config(smollm2_dir):
+    with pytest.raises(InvalidRequestError, match=r"max_model_len 100000 is longer .*config.json"):
+        LLM(model=str(smollm2_dir), backend="cpu", max_model_len=100_000, kv_cache_memory=24 * BLOCK_BYTES,
+            progress=False)
+
+
+BAD_PROMPTS = [
+    ([b"hello"], "a prompt must be a str, a list of token ids or a dict, got bytes"),
+    ([[1.7, 2.2]], r"prompt token ids\[0\] must be a token id \(an int\), got 1.7"),
+    ([[True, 2]], r"prompt token ids\[0\] must be a token id \(an int\), got True"),
+    ({"prompt_token_ids": ["1"]}, r"prompt_token_ids\[0\] must be a token id"),
+    ({"prompt_token_ids": "12"}, "prompt_token_ids must be a list of token ids"),
+    ({"prompt": 5}, "prompt must be a str"),
+    ({"prompt": "hi", "bogus": 1}, r"unknown prompt key\(s\) \['bogus'\]"),
+    ([np.array([[1, 2]])], "1-D integer array"),
+    ([np.array([1.0, 2.0])], "1-D integer array"),
+    (3.5, "prompts must be a str, a dict or a list"),
+    ([1, 2, 3], r"pass token ids as \[\[...\]\]"),
+]
+
+
+@pytest.mark.parametrize("prompt, message", BAD_PROMPTS, ids=lambda v: repr(v))
+def test_bad_prompt_is_refused_by_name(smol_llm, prompt, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        smol_llm.generate(prompt, greedy(2))
+    assert_still_serves(smol_llm)
+
+
+def test_numpy_token_ids_are_a_prompt(smol_llm):
+    ids = np.array([5, 6, 7], dtype=np.int64)
+    assert smol_llm.generate([ids], greedy(2))[0].outputs[0].token_ids == \
+        smol_llm.generate({"prompt_token_ids": [5, 6, 7]}, greedy(2))[0].outputs[0].token_ids
+
+
+BAD_CHATS = [
+    ([{"content": "hi"}], "messages\\[0\\] has no 'role'"),
+    ([{"role": "user"}], "messages\\[0\\] has no 'content'"),
+    ([{"role": "user", "content": 5}], r"messages\[0\]\['content'\] must be a str, got 5"),
+    ([{"role": "user", "content": None}], r"messages\[0\]\['content'\] must be a str"),
+    ([{"role": "wizard", "content": "hi"}], r"role'\] must be one of system, user, assistant, tool, got 'wizard'"),
+    ([], "messages must be a non-empty list"),
+    ("hi", "messages must be a non-empty list"),
+    (["hi"], r"messages\[0\] must be a dict"),
+]
+
+
+@pytest.mark.parametrize("messages, message", BAD_CHATS, ids=lambda v: repr(v))
+def test_bad_chat_messages_are_refused_by_name(smol_llm, messages, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        smol_llm.chat(messages, greedy(2))
+    assert_still_serves(smol_llm)
+
+
+def test_bad_params_object_is_refused(smol_llm):
+    with pytest.raises(InvalidRequestError, match="params must be SamplingParams"):
+        smol_llm.generate("hi", {"temperature": 0})
+    with pytest.raises(InvalidRequestError, match="params must be SamplingParams"):
+        smol_llm.engine.add_request(None, "hi", {"temperature": 0})
+    assert_still_serves(smol_llm)
+
+
+# --- model files: each error names the file -----------------------------------------------------------
+@pytest.mark.parametrize("edit, message", [
+    ({"max_position_embeddings": 0}, r"config\.json: max_position must be an int >= 2"),
+    ({"rms_norm_eps": "x"}, r"config\.json: rms_norm_eps must be a finite number > 0, got 'x'"),
+    ({"num_attention_heads": 0}, r"config\.json: num_heads must be an int >= 1, got 0"),
+    ({"num_key_value_heads": 5}, r"config\.json: num_kv_heads must be a divisor of num_heads 9"),
+    ({"hidden_size": 576.5}, r"config\.json: hidden_size must be an int >= 1"),
+    ({"eos_token_id": "x"}, r"config\.json: eos_token_ids must be token ids"),
+], ids=lambda v: repr(v))
+def test_bad_model_config_names_the_file(tmp_path, smollm2_dir, edit, message):
+    model_copy(smollm2_dir, tmp_path, edit)
+    os.symlink(smollm2_dir / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError, match=message):
+        LLM(model=str(tmp_path), backend="cpu", kv_cache_memory=24 * BLOCK_BYTES, max_model_len=256, progress=False)
+
+
+@pytest.mark.parametrize("name, text", [("tokenizer.json", "{garbage"), ("tokenizer_config.json", "{garbage"),
+                                        ("generation_config.json", "[1, 2"), ("tokenizer_config.json", "[1, 2]"),
+                                        ("generation_config.json", '{"eos_token_id": "x"}')])
+def test_garbage_tokenizer_files_name_the_file(tmp_path, smollm2_dir, name, text):
+    for f in SMALL_FILES + ("config.json", "model.safetensors"):
+        if f != name:
+            os.symlink(smollm2_dir / f, tmp_path / f)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(WeightsError, match=re.escape(str(tmp_path / name))):
+        LLM(model=str(tmp_path), backend="cpu", kv_cache_memory=24 * BLOCK_BYTES, max_model_len=256, progress=False)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_with_the_tensor_named(tmp_path, smollm2_dir, value):
+    from safetensors.numpy import load_file, save_file
+
+    from cupaged.weights.random_model import build_random_model
+    model_dir = build_random_model(smollm2_dir, tmp_path / "m", overrides={"num_hidden_layers": 1})
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert name in tensors, sorted(tensors)
+    tensors[name].reshape(-1)[123] = value
+    save_file(tensors, path)
+    with pytest.raises(WeightsError, match=rf"model\.safetensors: tensor '{re.escape(name)}' holds {value} at flat index 123"):
+        LLM(model=str(model_dir), backend="cpu", kv_cache_memory=24 * BLOCK_BYTES, max_model_len=256, progress=False)
