@@ -21,6 +21,20 @@ from cupaged.sampling_params import SamplingParams
 from cupaged.validation import check_messages, is_int
 
 
+def make_engine(model: str | None = None, backend: str | Ops = "auto", **kwargs) -> LLMEngine:
+    """An LLMEngine from LLM's arguments: a model name or path (None: the default model), a backend
+    name or a ready `Ops`, and EngineConfig fields by name (an unknown one is refused by name)."""
+    fields = [f.name for f in dataclasses.fields(EngineConfig)]
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise InvalidRequestError(f"unknown engine option(s) {', '.join(unknown)} (EngineConfig's fields are "
+                                  f"{', '.join(fields)})")
+    ops = backend if isinstance(backend, Ops) else None
+    config = EngineConfig(model=EngineConfig.model if model is None else model,
+                          backend=ops.name if ops else backend, **kwargs)
+    return LLMEngine(config, ops=ops)
+
+
 class LLM:
     """The offline API. Each call's outputs go to that call only (a queue per request), so generate()
     and any number of interleaved streams can share one engine, and so can threads: every engine call
@@ -32,13 +46,7 @@ class LLM:
         kv_cache_memory, gpu_memory_utilization, enforce_eager, seed, progress, enable_prefix_caching
         (default True), preemption_mode ("recompute" or "swap"), swap_space (GiB of host memory for
         swapped-out KV blocks)."""
-        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(EngineConfig)})
-        if unknown:
-            raise InvalidRequestError(f"unknown engine option(s) {', '.join(unknown)} (EngineConfig's fields are "
-                                      f"{', '.join(f.name for f in dataclasses.fields(EngineConfig))})")
-        ops = backend if isinstance(backend, Ops) else None
-        config = EngineConfig(model=model, backend=ops.name if ops else backend, **kwargs)
-        self.engine = LLMEngine(config, ops=ops)
+        self.engine = make_engine(model, backend, **kwargs)
         self.tokenizer = self.engine.tokenizer
         self._lock = threading.RLock()
 

@@ -245,12 +245,12 @@ class LLMEngine:
                 self._finish(req.seqs[index], "stop")
                 self._forget_if_done(req)
         for request_id, exc in self._failed + failed:
-            out = self._fail(request_id, exc)
+            out = self.fail_request(request_id, exc)
             if out is not None:
                 returned.append(out)
         return returned
 
-    def _fail(self, request_id: str, exc: Exception) -> RequestOutput | None:
+    def fail_request(self, request_id: str, exc: Exception) -> RequestOutput | None:
         """A request that failed inside a step ends alone: finish_reason "error" with the message on its
         last output, its blocks freed; every other request goes on."""
         logger.error("request %s failed in a step and was finished with an error: %s: %s", request_id,

@@ -125,7 +125,7 @@ class OutputProcessor:
                     several[co.request_id] = state
                     continue
                 self._deliver_one(state, returned)
-            except Exception as exc:  # one request's text failed: it alone ends (engine.py, _fail)
+            except Exception as exc:  # one request's text failed: it alone ends (LLMEngine.fail_request)
                 failed.append((co.request_id, exc))
                 several.pop(co.request_id, None)
         for state in several.values():

@@ -1,0 +1,189 @@
+"""AsyncLLM: the engine's step loop in a background thread, each request's outputs in its own asyncio
+queue. The engine core for a server (issue: `cupaged serve`).
+
+Threads: one engine thread owns the `LLMEngine` and is the only one that calls it (the contract in
+docs/architecture.md, "Outputs and threads"). Callers, on an asyncio event loop, hand it work through
+a command queue: `generate` sends an add (its errors, e.g. InvalidRequestError, come back to the
+caller) and `abort` an abort; the engine thread runs them between steps and steps while anything is
+unfinished, else sleeps on the command queue. Each output the engine delivers to a request's queue is
+moved onto the caller's loop with `call_soon_threadsafe`, so no caller ever touches engine state.
+
+Why a thread and not a process (vLLM V1 runs its EngineCore in a process over ZeroMQ): on the CPU
+backend every heavy op is a Numba kernel compiled `nogil=True` or a NumPy call, both of which release
+the GIL while they run, so the event loop keeps answering while a long prefill step computes, without
+copying every output across a process boundary. `benchmarks/async_health.py` measures how long a
+coroutine on the loop waits while 2,048-token prefill steps run (docs/results.md).
+
+A request whose caller goes away (the async generator is closed or cancelled before its last output)
+is aborted in the engine thread's next turn, which frees its blocks; `stats.aborted_by_caller` counts
+them. `shutdown(grace_s)` stops new requests, lets the running ones finish for up to grace_s, aborts
+the rest and stops the thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from cupaged.engine.output_processor import RequestQueue
+from cupaged.errors import CupagedError
+from cupaged.llm import make_engine
+from cupaged.outputs import RequestOutput
+from cupaged.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineClosedError(CupagedError):
+    """The engine is shutting down (or its thread has died) and takes no new request."""
+
+
+@dataclass
+class AsyncStats:
+    """Counters since start-up (read from any thread; written by the engine thread)."""
+
+    added: int = 0
+    aborted_by_caller: int = 0   # the caller went away before the last output
+    aborted_at_shutdown: int = 0
+    steps: int = 0
+    step_failures: int = 0       # steps that raised (their requests were failed, the loop went on)
+
+
+class _LoopQueue(RequestQueue):
+    """A request's outputs, handed from the engine thread to the caller's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__()
+        self.loop = loop
+        self.items: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+    def put(self, out: RequestOutput) -> None:  # engine thread
+        self.finished = self.finished or out.finished
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, out)
+        except RuntimeError:  # the caller's loop is closed: nobody is left to read it
+            pass
+
+
+class AsyncLLM:
+    def __init__(self, model: str | None = None, backend="auto", **kwargs):
+        """The same arguments as `LLM` (EngineConfig's fields). Loads the model, then starts the engine
+        thread; `ready` is set once it runs."""
+        self.engine = make_engine(model, backend, **kwargs)
+        self.tokenizer = self.engine.tokenizer
+        self.stats = AsyncStats()
+        self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._accepting = True
+        self._stop = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="cupaged-engine", daemon=True)
+        self._thread.start()
+
+    # --- callers (any thread; generate on an event loop) -------------------------------------------
+    async def generate(self, prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as the engine makes them (as params.output_kind says), ending
+        with its finished one. Bad input raises here, before the first output. Closing or cancelling
+        the generator early aborts the request."""
+        if not self._accepting:
+            raise EngineClosedError("the engine is shutting down and takes no new request")
+        rid = f"async-{next(self._ids)}" if request_id is None else str(request_id)
+        q = _LoopQueue(asyncio.get_running_loop())
+        await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, q)))
+        try:
+            while True:
+                out = await q.items.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not q.finished:
+                self._call(lambda: self._abort_by_caller(rid))
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from any thread (its stream ends with finish_reason "abort")."""
+        self._call(lambda: self.engine.abort(request_id))
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop taking requests; let the running ones finish for up to grace_s; abort the rest; stop."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self.engine.has_unfinished_requests() and time.monotonic() < deadline and self._thread.is_alive():
+            await asyncio.sleep(0.01)
+        await asyncio.wrap_future(self._call(self._abort_all))
+        self._stop = True
+        self._commands.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
+    def num_unfinished(self) -> int:
+        return len(self.engine.requests)
+
+    # --- the engine thread -------------------------------------------------------------------------
+    def _call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run fn in the engine thread between steps; its result or exception lands in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def command() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+                future.set_exception(exc)
+
+        if not self._thread.is_alive():
+            future.set_exception(EngineClosedError("the engine thread has stopped"))
+            return future
+        self._commands.put(command)
+        return future
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop:
+            self._drain(block=not engine.has_unfinished_requests())
+            if self._stop or not engine.has_unfinished_requests():
+                continue
+            try:
+                engine.step()
+                self.stats.steps += 1
+            except Exception as exc:  # not one request's failure: fail all, keep the loop alive
+                self.stats.step_failures += 1
+                logger.exception("engine step failed; failing its %d requests", len(engine.requests))
+                for rid in list(engine.requests):
+                    engine.fail_request(rid, exc)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, rid: str, prompt, params: SamplingParams | None, q: _LoopQueue) -> None:
+        if not self._accepting:
+            raise EngineClosedError("the engine is shutting down and takes no new request")
+        self.engine.add_request(rid, prompt, params, queue=q)
+        self.stats.added += 1
+
+    def _abort_by_caller(self, rid: str) -> None:
+        if not self.engine.is_finished(rid):
+            self.engine.abort(rid)
+            self.stats.aborted_by_caller += 1
+
+    def _abort_all(self) -> None:
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+            self.stats.aborted_at_shutdown += 1
