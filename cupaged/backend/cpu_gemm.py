@@ -23,7 +23,7 @@ from cupaged.backend.cpu_math import FASTMATH
 BLOCK_PANELS = 32  # 4-row panels of w per work item (~300 KB of w at K = 576: it stays in L2)
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def _tile4x4(x, w, out, m0, n0):
     """out[m0:m0+4, n0:n0+4] = x[m0:m0+4] @ w[n0:n0+4].T."""
     x0, x1, x2, x3 = x[m0], x[m0 + 1], x[m0 + 2], x[m0 + 3]
@@ -56,7 +56,7 @@ def _tile4x4(x, w, out, m0, n0):
     out[m0 + 3, n0], out[m0 + 3, n0 + 1], out[m0 + 3, n0 + 2], out[m0 + 3, n0 + 3] = s30, s31, s32, s33
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def _tile1x4(x, w, out, m, n0):
     """out[m, n0:n0+4] = x[m] @ w[n0:n0+4].T (the rows of x past the last multiple of 4)."""
     xr, w0, w1, w2, w3 = x[m], w[n0], w[n0 + 1], w[n0 + 2], w[n0 + 3]
@@ -70,7 +70,7 @@ def _tile1x4(x, w, out, m, n0):
     out[m, n0], out[m, n0 + 1], out[m, n0 + 2], out[m, n0 + 3] = s0, s1, s2, s3
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def _row_by_panel(x, w, out, m, n0, n1):
     """out[m, n0:n1] = x[m] @ w[n0:n1].T, one output at a time (the last N % 4 columns)."""
     xr = x[m]
@@ -82,7 +82,7 @@ def _row_by_panel(x, w, out, m, n0, n1):
         out[m, n] = s
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def _panel_rows(x, w, out, m0, m1, p):
     """out[m0:m1, 4p:4p+4] (fewer columns for the last panel when N % 4 != 0)."""
     n0 = 4 * p
@@ -97,7 +97,7 @@ def _panel_rows(x, w, out, m0, m1, p):
             _row_by_panel(x, w, out, m, n0, n1)
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def matmul_nt(x, w, out, threads):
     """x [M, K] @ w [N, K].T -> out [M, N], all float32 and C-contiguous; threads: Numba's
     thread count (numba.get_num_threads(), passed in: reading it here would defeat the disk cache).

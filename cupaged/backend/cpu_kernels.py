@@ -31,7 +31,7 @@ ATTN_TILE = 16  # new tokens per attention work item
 
 
 # --- norms and activations ------------------------------------------------------------
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _norm_row(x, weight, eps, out):
     """x [H] -> out [H] = x / rms(x) * weight."""
     h = x.shape[0]
@@ -43,14 +43,14 @@ def _norm_row(x, weight, eps, out):
         out[i] = x[i] * inv * weight[i]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def rms_norm(x, weight, eps, out):
     """x [T, H], weight [H] -> out [T, H]."""
     for t in range(x.shape[0]):
         _norm_row(x[t], weight, eps, out[t])
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def fused_add_rms_norm(x, residual, weight, eps, out):
     """residual [T, H] += x [T, H] in place; out [T, H] = rms_norm(residual)."""
     h = x.shape[1]
@@ -60,7 +60,7 @@ def fused_add_rms_norm(x, residual, weight, eps, out):
         _norm_row(residual[t], weight, eps, out[t])
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _rotate_heads(x, cos_sin, half, is_neox):
     """x [H, D] in place; cos_sin [rot_dim] = [cos | sin] for one position."""
     for h in range(x.shape[0]):
@@ -77,7 +77,7 @@ def _rotate_heads(x, cos_sin, half, is_neox):
             x[h, b] = x2 * c + x1 * s
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
     """In place on q [T, Hq, D] and k [T, Hk, D]; cos_sin_cache [max_pos, rot_dim]."""
     half = cos_sin_cache.shape[1] // 2
@@ -88,7 +88,7 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
 
 
 # --- paged KV cache -------------------------------------------------------------------
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
     """k, v [T, Hk, D] -> caches [NB, BS, Hk, D] at slot_mapping [T]; slot < 0 is skipped."""
     bs = k_cache.shape[1]
@@ -100,7 +100,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
         v_cache[slot // bs, slot % bs] = v[t]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def copy_blocks(k_cache, v_cache, pairs):
     """pairs [P, 2] of (src, dst) block ids, applied in order to both caches."""
     for p in range(pairs.shape[0]):
@@ -108,7 +108,7 @@ def copy_blocks(k_cache, v_cache, pairs):
         v_cache[pairs[p, 1]] = v_cache[pairs[p, 0]]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _plan_tiles(query_start_loc, tile):
     """query_start_loc [B + 1] -> tiles [N, 3] int64 rows of (seq b, first token, end token)."""
     n = 0
@@ -125,7 +125,7 @@ def _plan_tiles(query_start_loc, tile):
     return tiles
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _attend_block(qrow, kb, vb, kvh, j0, j1, acc, ml, r, scores):
     """One query row against keys j0..j1-1 of one cache block, online-softmax update.
 
@@ -198,7 +198,7 @@ def _attend_block(qrow, kb, vb, kvh, j0, j1, acc, ml, r, scores):
     ml[r, 1] += lsum  # stored last: a store to ml before the P @ V loop measured ~25% slower
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _attend_tile(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale, window, out):
     """Tokens t0..t1-1 of one sequence (first at position first_pos), all query heads of KV head kvh.
 
@@ -235,7 +235,7 @@ def _attend_tile(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale, wind
             out[t0 + r // g_n, kvh * g_n + r % g_n, d] = acc[r, d] * inv
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, window, out):
     """q [T, Hq, D] -> out [T, Hq, D] (rows past query_start_loc[-1] are zeroed).
 

@@ -49,7 +49,7 @@ def as_f32(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def exp_f32(x):
     """e**x in float32, vectorizable; see the module note for its accuracy."""
     t = min(max(x * LOG2E, np.float32(-125.0)), np.float32(125.0))
@@ -66,7 +66,7 @@ def exp_f32(x):
     return p * as_f32((np.int32(n) + np.int32(127)) << 23)
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def silu_and_mul(x, out):
     """x [T, 2I] = [gate | up] -> out [T, I] = gate * sigmoid(gate) * up; threads split T."""
     n = out.shape[1]
