@@ -9,9 +9,10 @@ unfinished, else sleeps on the command queue. Each output the engine delivers to
 moved onto the caller's loop with `call_soon_threadsafe`, so no caller ever touches engine state.
 
 Why a thread and not a process (vLLM V1 runs its EngineCore in a process over ZeroMQ): on the CPU
-backend every heavy op is a Numba kernel compiled `nogil=True` or a NumPy call, both of which release
-the GIL while they run, so the event loop keeps answering while a long prefill step computes, without
-copying every output across a process boundary. `benchmarks/async_health.py` measures how long a
+backend every heavy op is a Numba kernel (parallel ones release the GIL through Numba's launcher, the
+serial ones are compiled `nogil=True`) or a NumPy call, all of which let the GIL go while they run, so
+the event loop keeps answering while a long prefill step computes, without copying every output
+across a process boundary. `benchmarks/async_health.py` measures how long a
 coroutine on the loop waits while 2,048-token prefill steps run (docs/results.md).
 
 A request whose caller goes away (the async generator is closed or cancelled before its last output)
