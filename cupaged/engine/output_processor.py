@@ -146,18 +146,16 @@ class OutputProcessor:
             out = RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [CompletionOutput(
                 0, delta, o.token_ids[sent:], o.logprobs[sent:] if o.logprobs is not None else None,
                 o.finish_reason, delta, o.cumulative_logprob)], finished)
-            if finished:
-                del self.states[state.request_id]
-            if state.queue is not None:
-                state.queue.put(out)
-            else:
-                returned.append(out)
+            self._send(state, out, returned)
         elif finished or state.kind != "final":
             self._deliver(state, finished, returned)
 
     def _deliver(self, state: _RequestState, finished: bool, returned: list[RequestOutput]) -> None:
-        out = self._build(state, finished)
-        if finished:
+        self._send(state, self._build(state, finished), returned)
+
+    def _send(self, state: _RequestState, out: RequestOutput, returned: list[RequestOutput]) -> None:
+        """To the request's queue, else to step()'s caller; a finished request is forgotten."""
+        if out.finished:
             del self.states[state.request_id]
         if state.queue is not None:
             state.queue.put(out)
