@@ -231,8 +231,10 @@ def clear_cache(name, yes):
 
 
 from cupaged.cli.bench import bench  # noqa: E402  (registers `cupaged bench`)
+from cupaged.cli.serve import serve  # noqa: E402
 
 main.add_command(bench)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""`cupaged serve`: an OpenAI-compatible HTTP server on AsyncLLM (app.py builds it)."""

@@ -1,0 +1,362 @@
+"""The OpenAI-compatible HTTP API on AsyncLLM (FastAPI).
+
+Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with
+"stream": true, ending with `data: [DONE]`), GET /v1/models, /health, /version, /metrics (Prometheus
+text), POST /tokenize and /detokenize. Errors have OpenAI's shape, {"error": {"message", "type",
+"param", "code"}}: 400 for a bad parameter (named), a malformed body or a prompt over the context;
+401 without the API key; 404 for an unknown model or path; 411 for a POST without Content-Length and
+413 for a body over the limit; 503 while
+the waiting queue is full or the engine is shutting down.
+
+Each HTTP request's prompts become engine requests whose outputs stream back through AsyncLLM; bad
+input is refused before the response starts, and a client that disconnects mid-stream aborts its
+requests (the stream's generators are closed). /health answers without the API key.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from cupaged import __version__
+from cupaged.async_llm import AsyncLLM, EngineClosedError
+from cupaged.errors import InvalidRequestError
+from cupaged.outputs import RequestOutput
+from cupaged.server import openai_format as fmt
+from cupaged.server.metrics import Metrics
+from cupaged.server.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: int | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+FIELDS = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
+
+
+def _param_of(message: str) -> str | None:
+    """The request field an InvalidRequestError is about ("top_p must be ..." -> "top_p"; the prompt's
+    own problems -> "prompt"), or None."""
+    word = message.split(" ", 1)[0]
+    if word in FIELDS:
+        return word
+    if message.startswith(("the prompt", "prompt")):
+        return "prompt"
+    return None
+
+
+class Guard:
+    """ASGI middleware: the API key (constant-time, every path but /health) and the body size limit."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] != "/health":
+            auth = headers.get(b"authorization", b"")
+            given = auth[7:] if auth[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.api_key.encode()):
+                body = error_body("invalid or missing API key (send Authorization: Bearer <key>)",
+                                  "authentication_error", code=401)
+                return await JSONResponse(body, 401)(scope, receive, send)
+        length = headers.get(b"content-length")
+        if scope["method"] == "POST" and (length is None or not length.isdigit()):
+            body = error_body("a POST needs a Content-Length header (bodies are size-limited)",
+                              "invalid_request_error", code=411)
+            return await JSONResponse(body, 411)(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            body = error_body(f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}",
+                              "invalid_request_error", code=413)
+            return await JSONResponse(body, 413)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class Server:
+    def __init__(self, llm: AsyncLLM, model_name: str, max_waiting_requests: int = 1024):
+        self.llm, self.model_name, self.max_waiting = llm, model_name, max_waiting_requests
+        self.tokenizer = llm.tokenizer
+        self.logprobs = fmt.Logprobs(self.tokenizer)
+        self.metrics = Metrics(llm)
+
+    # --- checks -----------------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "not_found_error", "model")
+
+    def check_room(self, count: int) -> None:
+        waiting = len(self.llm.engine.scheduler.waiting)
+        if waiting + count > self.max_waiting:
+            raise APIError(503, f"the server is overloaded: {waiting} requests are waiting "
+                                f"(--max-waiting-requests {self.max_waiting}); retry later", "overloaded_error")
+
+    # --- running prompts --------------------------------------------------------------------------
+    async def start(self, prompts: list, params, base_id: str) -> list[tuple[RequestOutput, AsyncIterator]]:
+        """Add every prompt; each stream's first output is taken, so bad input raises here, before any
+        response starts (and the prompts already added are aborted)."""
+        self.check_room(len(prompts))
+        started = []
+        try:
+            for i, prompt in enumerate(prompts):
+                gen = self.llm.generate(prompt, params, f"{base_id}-{i}")
+                started.append((await gen.__anext__(), gen))
+        except BaseException:
+            for _, gen in started:
+                await gen.aclose()
+            raise
+        self.metrics.requests_started(len(prompts))
+        return started
+
+    @staticmethod
+    async def merged(started) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) from every stream as they come; leaving early closes them all."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, first: RequestOutput, gen) -> None:
+            try:
+                await queue.put((i, first))
+                if not first.finished:
+                    async for out in gen:
+                        await queue.put((i, out))
+            finally:
+                await gen.aclose()
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, first, gen)) for i, (first, gen) in enumerate(started)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, out = await queue.get()
+                if out is None:
+                    remaining -= 1
+                else:
+                    yield i, out
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    # --- endpoints --------------------------------------------------------------------------------
+    async def completions(self, body: CompletionRequest):
+        self.check_model(body.model)
+        params = self._params(body)
+        prompts = self._prompts(body.prompt)
+        rid, created = fmt.new_id("cmpl"), fmt.now()
+        started = await self.start(prompts, params, rid)
+        prompt_tokens = sum(len(first.prompt_token_ids) for first, _ in started)
+        top = body.logprobs or 0
+        offsets: dict[int, int] = {}
+
+        def choices(i: int, out: RequestOutput) -> list[dict]:
+            result = []
+            for o in out.outputs:
+                index = i * params.n + o.index
+                logprobs = self.logprobs.completion(o, offsets.get(index, 0), top)
+                offsets[index] = offsets.get(index, 0) + len(o.text)
+                result.append(fmt.completion_choice(index, o, logprobs))
+            return result
+
+        if body.stream:
+            return self._sse(started, "text_completion", rid, created, prompt_tokens, body, choices)
+        return await self._whole(started, "text_completion", rid, created, prompt_tokens, params.n, choices)
+
+    async def chat(self, body: ChatRequest):
+        self.check_model(body.model)
+        params = self._params(body)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+        rid, created = fmt.new_id("chatcmpl"), fmt.now()
+        started = await self.start([prompt], params, rid)
+        top, stream = body.top_logprobs or 0, body.stream
+
+        def choices(i: int, out: RequestOutput) -> list[dict]:
+            return [fmt.chat_choice(o.index, o, self.logprobs.chat(o, top), delta=stream, first=False)
+                    for o in out.outputs]
+
+        if stream:
+            head = [fmt.chat_choice(j, _Empty(), None, delta=True, first=True) for j in range(params.n)]
+            return self._sse(started, "chat.completion.chunk", rid, created, len(prompt["prompt_token_ids"]), body,
+                             choices, head)
+        return await self._whole(started, "chat.completion", rid, created, len(prompt["prompt_token_ids"]),
+                                 params.n, choices)
+
+    def _sse(self, started, kind, rid, created, prompt_tokens, body, choices, head=None) -> StreamingResponse:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events():
+            generated = 0
+            if head:
+                yield _event(fmt.envelope(kind, rid, self.model_name, created, head))
+            async for i, out in self.merged(started):
+                generated += sum(len(o.token_ids) for o in out.outputs)
+                moved = [c for c, o in zip(choices(i, out), out.outputs) if o.text or o.token_ids or o.finish_reason]
+                if moved:
+                    yield _event(fmt.envelope(kind, rid, self.model_name, created, moved))
+            self.metrics.tokens(prompt_tokens, generated)
+            if include_usage:
+                yield _event(fmt.envelope(kind, rid, self.model_name, created, [],
+                                          fmt.usage(prompt_tokens, generated)))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _whole(self, started, kind, rid, created, prompt_tokens, n, choices) -> dict:
+        merged: dict[int, dict] = {}
+        generated = 0
+        async for i, out in self.merged(started):
+            generated += sum(len(o.token_ids) for o in out.outputs)
+            for choice in choices(i, out):
+                _accumulate(merged, choice)
+        self.metrics.tokens(prompt_tokens, generated)
+        ordered = [merged[k] for k in sorted(merged)]
+        return fmt.envelope(kind, rid, self.model_name, created, ordered, fmt.usage(prompt_tokens, generated))
+
+    def _params(self, body):
+        try:
+            return fmt.sampling_params(body)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param=_param_of(str(e))) from e
+
+    @staticmethod
+    def _prompts(prompt) -> list:
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [{"prompt_token_ids": prompt}]
+        return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
+
+
+class _Empty:
+    """A choice with nothing yet: the role-only first chunk of a chat stream."""
+    text, token_ids, logprobs, finish_reason, index = "", [], None, None, 0
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _accumulate(merged: dict[int, dict], choice: dict) -> None:
+    """Fold one delta choice into the whole choice of its index."""
+    index = choice["index"]
+    if index not in merged:
+        merged[index] = choice
+        return
+    whole = merged[index]
+    whole["finish_reason"] = choice["finish_reason"] or whole["finish_reason"]
+    if "message" in whole:
+        whole["message"]["content"] += choice["message"]["content"]
+        if choice["logprobs"]:
+            whole["logprobs"]["content"] += choice["logprobs"]["content"]
+    else:
+        whole["text"] += choice["text"]
+        if choice["logprobs"]:
+            for key in whole["logprobs"]:
+                whole["logprobs"][key] += choice["logprobs"][key]
+
+
+def build_app(server: Server, api_key: str | None = None, max_body_bytes: int = 1 << 22,
+              allowed_origins: list[str] | None = None, shutdown_grace_s: float = 10.0) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await server.llm.shutdown(shutdown_grace_s)
+
+    app = FastAPI(title="cupaged", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    if allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    _add_errors(app)
+    llm = server.llm
+
+    @app.get("/health")
+    async def health():
+        ok = llm.alive
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": server.model_name, "object": "model", "created": fmt.now(), "owned_by": "cupaged",
+                "max_model_len": llm.engine.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(), media_type=server.metrics.content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            text = server.tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages])
+            ids = server.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        server.check_model(body.model)
+        vocab = llm.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is not in [0, {vocab})", param="tokens")
+        return {"prompt": server.tokenizer.decode(body.tokens)}
+
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat)
+    return app
+
+
+def _add_errors(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(error_body(e.message, e.kind, e.param, e.status), e.status)
+
+    @app.exception_handler(InvalidRequestError)
+    async def invalid(request: Request, e: InvalidRequestError):
+        return JSONResponse(error_body(str(e), "invalid_request_error", _param_of(str(e)), 400), 400)
+
+    @app.exception_handler(EngineClosedError)
+    async def closed(request: Request, e: EngineClosedError):
+        return JSONResponse(error_body(str(e), "unavailable_error", None, 503), 503)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+        elif param:
+            message = f"{param}: {message} (got {first.get('input')!r:.80})"
+        return JSONResponse(error_body(message, "invalid_request_error", param, 400), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = f"no such path: {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(error_body(message, kind, None, e.status_code), e.status_code)
