@@ -2,82 +2,11 @@
 from __future__ import annotations
 
 import json
-import math
-import logging
-import sys
 
 import click
 
+from cupaged.cli.options import _fail, _setup_logging, model_options, sampling_options
 from cupaged.weights.catalog import DEFAULT_MODEL
-
-BACKENDS = click.Choice(["auto", "cpu", "cuda"])
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _fail(e: Exception) -> None:
-    raise click.ClickException(str(e)) from e
-
-
-def parse_memory(text: str) -> dict:
-    """'auto', '0.1' (a share of RAM), '2GiB', '512MiB' or a byte count -> the EngineConfig field it sets
-    ({}, {"kv_cache_fraction": 0.1} or {"kv_cache_memory": bytes})."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    lower = text.strip().lower()
-    if lower == "auto":
-        return {}
-    scale = next((units[u] for u in units if lower.endswith(u)), None)
-    try:
-        value = float(lower[:-len(next(u for u in units if lower.endswith(u)))] if scale else lower)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise click.BadParameter(f"{text!r} is not a share of RAM (0.1) or a size (2GiB, 512MiB)")
-    if scale is None and value <= 1:
-        return {"kv_cache_fraction": value}
-    return {"kv_cache_memory": int(value * (scale or 1))}
-
-
-def model_options(f):
-    f = click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-                     show_default=True, help="Compute dtype: auto is float32 on the CPU, float16 on CUDA.")(f)
-    f = click.option("--swap-space", type=click.FloatRange(min=0), default=4, show_default=True,
-                     help="GiB of host memory for swapped-out KV blocks (with --preemption-mode swap).")(f)
-    f = click.option("--preemption-mode", type=click.Choice(["recompute", "swap"]), default="recompute",
-                     show_default=True, help="When KV blocks run out: recompute the newest request later, or "
-                     "swap its blocks to host memory.")(f)
-    f = click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True,
-                     help="Reuse the KV blocks of prompt prefixes seen before.")(f)
-    f = click.option("--enforce-eager", is_flag=True, help="CUDA: do not capture decode steps as CUDA graphs.")(f)
-    f = click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=0.9,
-                     show_default=True, help="CUDA: share of GPU memory for weights, activations and the KV "
-                     "cache (used when --kv-cache-memory is auto).")(f)
-    f = click.option("--kv-cache-memory", default="auto", show_default=True, callback=lambda c, p, v: parse_memory(v),
-                     help="KV cache budget: a fraction of RAM (0.1), a size (2GiB, 512MiB), or auto "
-                     "(0.1 of RAM on the CPU; measured GPU memory on CUDA).")(f)
-    f = click.option("--backend", type=BACKENDS, default="auto", show_default=True,
-                     help="Compute backend: cuda when CuPy finds a GPU, else cpu.")(f)
-    f = click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
-                     help="Catalog name, local HF-layout directory, .gguf file, or pulled org/repo.")(f)
-    f = click.option("--max-model-len", type=click.IntRange(min=2), default=None,
-                     help="Context length (default: the model's).")(f)
-    f = click.option("--verbose", "-v", is_flag=True,
-                     help="Log engine details to stderr, and prefix-cache reuse after each answer.")(f)
-    return f
-
-
-def sampling_options(f):
-    f = click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same output).")(f)
-    f = click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-                     help="Most tokens to generate per answer.")(f)
-    f = click.option("--top-k", type=int, default=-1, show_default=True, help="Keep the k likeliest tokens (-1: all).")(f)
-    f = click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling mass, in (0, 1].")(f)
-    f = click.option("--temperature", "-t", type=float, default=0.7, show_default=True,
-                     help="Sampling temperature; 0 is greedy.")(f)
-    return f
 
 
 def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memory: dict, dtype: str = "auto",

@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from cupaged.cli.main import _fail, model_options
+from cupaged.cli.options import _fail, model_options
 
 
 @click.command()
@@ -49,7 +49,19 @@ def serve(model, backend, max_model_len, kv_cache_memory, dtype, verbose, host, 
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     click.echo(f"serving {name} on http://{host}:{port}/v1 ({llm.engine.ops.name} backend, "
                f"max_model_len {llm.engine.max_model_len}); Ctrl-C stops", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning",
-                timeout_graceful_shutdown=int(shutdown_grace) + 5)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning",
+                            timeout_graceful_shutdown=int(shutdown_grace) + 5)
+    run_gracefully(config)
 
 
+def run_gracefully(config) -> None:
+    """uvicorn's server, except that after a graceful stop on SIGINT/SIGTERM the process exits 0
+    instead of re-raising the signal (uvicorn re-raises it so that the default handler runs)."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            getattr(self, "_captured_signals", []).clear()
+
+    GracefulServer(config).run()
