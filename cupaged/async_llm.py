@@ -96,7 +96,11 @@ class AsyncLLM:
             raise EngineClosedError("the engine is shutting down and takes no new request")
         rid = f"async-{next(self._ids)}" if request_id is None else str(request_id)
         q = _LoopQueue(asyncio.get_running_loop())
-        await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, q)))
+        try:
+            await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, q)))
+        except asyncio.CancelledError:  # gone before the add ran: the abort queues behind it
+            self._call(lambda: self._abort_by_caller(rid))
+            raise
         try:
             while True:
                 out = await q.items.get()

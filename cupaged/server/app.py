@@ -93,6 +93,7 @@ class Server:
         self.tokenizer = llm.tokenizer
         self.logprobs = fmt.Logprobs(self.tokenizer)
         self.metrics = Metrics(llm)
+        self.unstarted = 0  # engine requests added by this server that have not had their first output
 
     # --- checks -----------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -101,25 +102,29 @@ class Server:
                            "not_found_error", "model")
 
     def check_room(self, count: int) -> None:
-        waiting = len(self.llm.engine.scheduler.waiting)
-        if waiting + count > self.max_waiting:
-            raise APIError(503, f"the server is overloaded: {waiting} requests are waiting "
-                                f"(--max-waiting-requests {self.max_waiting}); retry later", "overloaded_error")
+        """Refuse (503) what would put more than max_waiting requests in line for their first output."""
+        if self.unstarted + count > self.max_waiting:
+            raise APIError(503, f"the server is overloaded: {self.unstarted} requests are waiting for their "
+                                f"first token (--max-waiting-requests {self.max_waiting}); retry later",
+                           "overloaded_error")
 
     # --- running prompts --------------------------------------------------------------------------
     async def start(self, prompts: list, params, base_id: str) -> list[tuple[RequestOutput, AsyncIterator]]:
         """Add every prompt; each stream's first output is taken, so bad input raises here, before any
         response starts (and the prompts already added are aborted)."""
         self.check_room(len(prompts))
-        started = []
-        try:
-            for i, prompt in enumerate(prompts):
-                gen = self.llm.generate(prompt, params, f"{base_id}-{i}")
-                started.append((await gen.__anext__(), gen))
-        except BaseException:
-            for _, gen in started:
+        self.unstarted += len(prompts)  # counted on the event loop: no other thread changes it
+        gens = [self.llm.generate(prompt, params, f"{base_id}-{i}") for i, prompt in enumerate(prompts)]
+        try:  # all added at once, so a list of prompts is batched
+            firsts = await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
+        finally:
+            self.unstarted -= len(prompts)
+        errors = [f for f in firsts if isinstance(f, BaseException)]
+        if errors:
+            for gen in gens:
                 await gen.aclose()
-            raise
+            raise errors[0]
+        started = list(zip(firsts, gens))
         self.metrics.requests_started(len(prompts))
         return started
 
