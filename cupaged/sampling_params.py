@@ -141,6 +141,8 @@ class SamplingParams:
             bad("repetition_penalty, presence_penalty and frequency_penalty are not supported")
         if self.early_stopping not in (True, False, "never"):
             bad(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not -10 <= self.length_penalty <= 10:  # a score divides by length ** length_penalty
+            bad(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
 
     def _validate_sampling(self) -> None:
         def bad(msg: str) -> None:

@@ -70,7 +70,9 @@ def test_token_id_outside_the_vocabulary(smol_llm):
                                       (dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"), (dict(n=0), "n"),
                                       (dict(repetition_penalty=0), "repetition_penalty"),
                                       (dict(presence_penalty=3), "presence_penalty"),
-                                      (dict(logprobs=-1), "logprobs")],
+                                      (dict(logprobs=-1), "logprobs"),
+                                      (dict(length_penalty=-1e9, use_beam_search=True, best_of=2, temperature=0),
+                                       "length_penalty")],
                          ids=lambda v: str(v))
 def test_invalid_sampling_params(smol_llm, kw, name):
     with pytest.raises(InvalidRequestError, match=rf"\b{name}\b") as err:
