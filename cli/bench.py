@@ -171,6 +171,7 @@ from cupaged.cli.bench_kernels import kernels  # noqa: E402  (registers `cupaged
 from cupaged.cli.bench_latency import chunked, latency  # noqa: E402
 from cupaged.cli.bench_memory import memory  # noqa: E402
 from cupaged.cli.bench_overhead import overhead  # noqa: E402
+from cupaged.cli.bench_serve import serve  # noqa: E402  (`cupaged bench serve`)
 
-for command in (latency, chunked, memory, kernels, overhead):
+for command in (latency, chunked, memory, kernels, overhead, serve):
     bench.add_command(command)
