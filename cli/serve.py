@@ -31,32 +31,48 @@ def serve(model, backend, max_model_len, kv_cache_memory, dtype, verbose, host, 
     import uvicorn
 
     from cupaged.async_llm import AsyncLLM
+    from cupaged.config import EngineConfig
     from cupaged.errors import CupagedError
     from cupaged.server.app import Server, build_app
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        llm = AsyncLLM(model=model, backend=backend, max_model_len=max_model_len, dtype=dtype, **kv_cache_memory,
-                       **engine)
+    options = dict(max_model_len=max_model_len, dtype=dtype, **kv_cache_memory, **engine)
+    try:  # bad options are refused now; the model loads once the server is up (/health: "loading")
+        EngineConfig(model=model, backend=backend, **options)
     except CupagedError as e:
         _fail(e)
     name = served_model_name or model
-    server = Server(llm, name, max_waiting_requests)
+    server = Server(None, name, max_waiting_requests)
     origins = [o.strip() for o in allowed_origins.split(",") if o.strip()] if allowed_origins else None
+    failed: list[Exception] = []
+    uv: list = []
+
+    def load() -> AsyncLLM:
+        llm = AsyncLLM(model=model, backend=backend, **options)
+        click.echo(f"serving {name} on http://{host}:{port}/v1 ({llm.engine.ops.name} backend, max_model_len "
+                   f"{llm.engine.max_model_len}); Ctrl-C stops", err=True)
+        return llm
+
+    def load_failed(e: Exception) -> None:
+        failed.append(e)
+        uv[0].should_exit = True
+
     app = build_app(server, api_key=api_key or None, max_body_bytes=max_body_bytes, allowed_origins=origins,
-                    shutdown_grace_s=shutdown_grace)
+                    shutdown_grace_s=shutdown_grace, loader=load, on_load_error=load_failed)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-    click.echo(f"serving {name} on http://{host}:{port}/v1 ({llm.engine.ops.name} backend, "
-               f"max_model_len {llm.engine.max_model_len}); Ctrl-C stops", err=True)
+    click.echo(f"loading {model} (http://{host}:{port}/health says 'loading' until it is ready)", err=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning",
                             timeout_graceful_shutdown=int(shutdown_grace) + 5)
-    run_gracefully(config)
+    run_gracefully(config, uv)
+    if failed:
+        _fail(failed[0])
 
 
-def run_gracefully(config) -> None:
+def run_gracefully(config, holder: list) -> None:
     """uvicorn's server, except that after a graceful stop on SIGINT/SIGTERM the process exits 0
-    instead of re-raising the signal (uvicorn re-raises it so that the default handler runs)."""
+    instead of re-raising the signal (uvicorn re-raises it so that the default handler runs). The
+    server object is put in holder (so a loader thread can stop it)."""
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
@@ -64,4 +80,5 @@ def run_gracefully(config) -> None:
             super().handle_exit(sig, frame)
             getattr(self, "_captured_signals", []).clear()
 
-    GracefulServer(config).run()
+    holder.append(GracefulServer(config))
+    holder[0].run()

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import hmac
 import json
-from typing import AsyncIterator
+import logging
+import threading
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,11 +29,13 @@ from starlette.exceptions import HTTPException
 
 from cupaged import __version__
 from cupaged.async_llm import AsyncLLM, EngineClosedError
-from cupaged.errors import InvalidRequestError
+from cupaged.errors import CupagedError, InvalidRequestError
 from cupaged.outputs import RequestOutput
 from cupaged.server import openai_format as fmt
 from cupaged.server.metrics import Metrics
 from cupaged.server.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -88,15 +92,32 @@ class Guard:
 
 
 class Server:
-    def __init__(self, llm: AsyncLLM, model_name: str, max_waiting_requests: int = 1024):
-        self.llm, self.model_name, self.max_waiting = llm, model_name, max_waiting_requests
+    """What the endpoints share. llm may come later (`attach`): until then every endpoint but /health
+    and /version answers 503, and /health says "loading" (or why loading failed)."""
+
+    def __init__(self, llm: AsyncLLM | None, model_name: str, max_waiting_requests: int = 1024):
+        self.model_name, self.max_waiting = model_name, max_waiting_requests
+        self.llm: AsyncLLM | None = None
+        self.load_error: str | None = None
+        self.metrics = Metrics(None)
+        self.unstarted = 0  # engine requests added by this server that have not had their first output
+        if llm is not None:
+            self.attach(llm)
+
+    def attach(self, llm: AsyncLLM) -> None:
         self.tokenizer = llm.tokenizer
         self.logprobs = fmt.Logprobs(self.tokenizer)
-        self.metrics = Metrics(llm)
-        self.unstarted = 0  # engine requests added by this server that have not had their first output
+        self.metrics.llm = llm
+        self.llm = llm  # last: the endpoints take this as "ready"
 
     # --- checks -----------------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        if self.llm is None:
+            message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
+            raise APIError(503, message, "unavailable_error")
+
     def check_model(self, model: str | None) -> None:
+        self.check_ready()
         if model is not None and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                            "not_found_error", "model")
@@ -276,11 +297,18 @@ def _accumulate(merged: dict[int, dict], choice: dict) -> None:
 
 
 def build_app(server: Server, api_key: str | None = None, max_body_bytes: int = 1 << 22,
-              allowed_origins: list[str] | None = None, shutdown_grace_s: float = 10.0) -> FastAPI:
+              allowed_origins: list[str] | None = None, shutdown_grace_s: float = 10.0,
+              loader: Callable[[], AsyncLLM] | None = None,
+              on_load_error: Callable[[Exception], None] | None = None) -> FastAPI:
+    """loader: makes the AsyncLLM in a thread once the server is up (so /health answers "loading"
+    meanwhile); on_load_error is called with what it raised."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if loader is not None and server.llm is None:
+            threading.Thread(target=_load, args=(server, loader, on_load_error), daemon=True).start()
         yield
-        await server.llm.shutdown(shutdown_grace_s)
+        if server.llm is not None:
+            await server.llm.shutdown(shutdown_grace_s)
 
     app = FastAPI(title="cupaged", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     if allowed_origins:
@@ -288,11 +316,13 @@ def build_app(server: Server, api_key: str | None = None, max_body_bytes: int = 
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     _add_errors(app)
-    llm = server.llm
 
     @app.get("/health")
     async def health():
-        ok = llm.alive
+        if server.llm is None:
+            status = {"status": "failed", "error": server.load_error} if server.load_error else {"status": "loading"}
+            return JSONResponse(status, 503)
+        ok = server.llm.alive
         return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
 
     @app.get("/version")
@@ -301,6 +331,8 @@ def build_app(server: Server, api_key: str | None = None, max_body_bytes: int = 
 
     @app.get("/v1/models")
     async def models():
+        server.check_ready()
+        llm = server.llm
         card = {"id": server.model_name, "object": "model", "created": fmt.now(), "owned_by": "cupaged",
                 "max_model_len": llm.engine.max_model_len}
         return {"object": "list", "data": [card]}
@@ -319,12 +351,12 @@ def build_app(server: Server, api_key: str | None = None, max_body_bytes: int = 
             ids = server.tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.llm.engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         server.check_model(body.model)
-        vocab = llm.engine.model_config.vocab_size
+        vocab = server.llm.engine.model_config.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"token id {bad[0]} is not in [0, {vocab})", param="tokens")
@@ -333,6 +365,16 @@ def build_app(server: Server, api_key: str | None = None, max_body_bytes: int = 
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat)
     return app
+
+
+def _load(server: Server, loader, on_load_error) -> None:
+    try:
+        server.attach(loader())
+    except Exception as e:  # noqa: BLE001 (reported on /health and to the caller)
+        server.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, CupagedError) else str(e)
+        logger.error("loading the model failed: %s", server.load_error)
+        if on_load_error is not None:
+            on_load_error(e)
 
 
 def _add_errors(app: FastAPI) -> None:

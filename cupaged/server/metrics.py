@@ -11,7 +11,7 @@ from cupaged.async_llm import AsyncLLM
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, llm: AsyncLLM):
+    def __init__(self, llm: AsyncLLM | None):
         self.llm = llm
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -27,6 +27,8 @@ class Metrics:
         self.generation_tokens += generated
 
     def collect(self):
+        if self.llm is None:  # still loading
+            return
         engine, stats = self.llm.engine, self.llm.stats
         bm = engine.block_manager
         gauges = {

@@ -28,15 +28,21 @@ def test_serve_answers_then_shuts_down_gracefully_on_sigterm(smollm2_dir):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
+        deadline, early = time.monotonic() + 180, set()
         while time.monotonic() < deadline:
             try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                health = httpx.get(base + "/health", timeout=1)
+                if health.status_code == 200:
                     break
+                early.add((health.status_code, health.json()["status"]))
+                models = httpx.get(base + "/v1/models", timeout=1)
+                assert models.status_code in (200, 503), models.text
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.1)
         else:
             raise AssertionError("the server never came up")
+        assert early <= {(503, "loading")}, early  # bound before the model loaded: it says so
         body = {"model": "smol", "prompt": "Count:", "max_tokens": 24, "stream": True,
                 "ignore_eos": True, "temperature": 0}
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as reply:
@@ -52,3 +58,16 @@ def test_serve_answers_then_shuts_down_gracefully_on_sigterm(smollm2_dir):
             proc.kill()
         out = proc.stdout.read().decode(errors="replace")
     assert "serving smol on http://127.0.0.1" in out, out
+
+
+def test_serve_with_a_model_that_fails_to_load_exits_1():
+    cmd = [sys.executable, "-m", "cupaged.cli.main", "serve", "-m", "/no/such/model/dir", "--backend", "cpu",
+           "--port", str(free_port())]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Error:" in done.stderr and "/no/such/model/dir" in done.stderr, done.stderr
+
+
+def test_serve_refuses_bad_options_before_binding():
+    done = subprocess.run([sys.executable, "-m", "cupaged.cli.main", "serve", "--kv-cache-memory", "1",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "kv_cache_fraction must be in (0, 0.9]" in done.stderr
