@@ -126,7 +126,10 @@ def test_shutdown_finishes_short_requests_and_aborts_long_ones(smollm2_dir):
     async def main():
         short = asyncio.create_task(collect(llm, "Hi", delta(2)))
         long = asyncio.create_task(collect(llm, "Hello there", delta(400)))
-        await asyncio.sleep(0.2)
+        for _ in range(6000):  # both admitted before shutdown (a slow first step delays the second)
+            if llm.stats.added == 2 or short.done() or long.done():
+                break
+            await asyncio.sleep(0.01)
         await llm.shutdown(grace_s=1.0)
         with pytest.raises(EngineClosedError):
             await collect(llm, "late", delta(2))
