@@ -39,12 +39,17 @@ logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-def error_body(message: str, kind: str, param: str | None = None, code: int | None = None) -> dict:
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error body. code is a string as in OpenAI's API ("invalid_api_key", "model_not_found",
+    "context_length_exceeded") or null; the HTTP status carries the number."""
+    if code is None and "context length" in message:
+        code = "context_length_exceeded"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -77,16 +82,16 @@ class Guard:
             given = auth[7:] if auth[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(given, self.api_key.encode()):
                 body = error_body("invalid or missing API key (send Authorization: Bearer <key>)",
-                                  "authentication_error", code=401)
+                                  "authentication_error", code="invalid_api_key")
                 return await JSONResponse(body, 401)(scope, receive, send)
         length = headers.get(b"content-length")
         if scope["method"] == "POST" and (length is None or not length.isdigit()):
             body = error_body("a POST needs a Content-Length header (bodies are size-limited)",
-                              "invalid_request_error", code=411)
+                              "invalid_request_error", code="length_required")
             return await JSONResponse(body, 411)(scope, receive, send)
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             body = error_body(f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}",
-                              "invalid_request_error", code=413)
+                              "invalid_request_error", code="request_too_large")
             return await JSONResponse(body, 413)(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -120,7 +125,7 @@ class Server:
         self.check_ready()
         if model is not None and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           "not_found_error", "model")
+                           "not_found_error", "model", "model_not_found")
 
     def check_room(self, count: int) -> None:
         """Refuse (503) what would put more than max_waiting requests in line for their first output."""
@@ -311,10 +316,10 @@ def build_app(server: Server, api_key: str | None = None, max_body_bytes: int = 
             await server.llm.shutdown(shutdown_grace_s)
 
     app = FastAPI(title="cupaged", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    if allowed_origins:
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    if allowed_origins:  # added last, so outermost: a browser's preflight (no key) is answered before Guard
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     _add_errors(app)
 
     @app.get("/health")
@@ -380,15 +385,15 @@ def _load(server: Server, loader, on_load_error) -> None:
 def _add_errors(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return JSONResponse(error_body(e.message, e.kind, e.param, e.status), e.status)
+        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), e.status)
 
     @app.exception_handler(InvalidRequestError)
     async def invalid(request: Request, e: InvalidRequestError):
-        return JSONResponse(error_body(str(e), "invalid_request_error", _param_of(str(e)), 400), 400)
+        return JSONResponse(error_body(str(e), "invalid_request_error", _param_of(str(e))), 400)
 
     @app.exception_handler(EngineClosedError)
     async def closed(request: Request, e: EngineClosedError):
-        return JSONResponse(error_body(str(e), "unavailable_error", None, 503), 503)
+        return JSONResponse(error_body(str(e), "unavailable_error"), 503)
 
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, e: RequestValidationError):
@@ -400,10 +405,10 @@ def _add_errors(app: FastAPI) -> None:
             message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
         elif param:
             message = f"{param}: {message} (got {first.get('input')!r:.80})"
-        return JSONResponse(error_body(message, "invalid_request_error", param, 400), 400)
+        return JSONResponse(error_body(message, "invalid_request_error", param), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = f"no such path: {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
-        return JSONResponse(error_body(message, kind, None, e.status_code), e.status_code)
+        return JSONResponse(error_body(message, kind), e.status_code)
