@@ -22,10 +22,12 @@ from cupaged.cli.options import _fail, model_options
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=4 << 20, show_default=True,
               help="Largest request body accepted.")
 @click.option("--allowed-origins", default=None, help="Comma-separated CORS origins (default: no CORS).")
+@click.option("--status-every", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds between status lines (running, waiting, tok/s, KV usage) while busy; 0: none.")
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds running requests get to finish on SIGINT/SIGTERM before they are aborted.")
 def serve(model, backend, max_model_len, kv_cache_memory, dtype, verbose, host, port, api_key, served_model_name,
-          max_waiting_requests, max_body_bytes, allowed_origins, shutdown_grace, **engine):
+          max_waiting_requests, max_body_bytes, allowed_origins, status_every, shutdown_grace, **engine):
     """Serve a model over the OpenAI API: /v1/chat/completions, /v1/completions (with streaming),
     /v1/models, /health, /metrics, /tokenize, /detokenize, /version."""
     import uvicorn
@@ -36,6 +38,7 @@ def serve(model, backend, max_model_len, kv_cache_memory, dtype, verbose, host, 
     from cupaged.server.app import Server, build_app
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cupaged.server").setLevel(logging.INFO)  # the status line while busy, as vLLM logs it
     options = dict(max_model_len=max_model_len, dtype=dtype, **kv_cache_memory, **engine)
     try:  # bad options are refused now; the model loads once the server is up (/health: "loading")
         EngineConfig(model=model, backend=backend, **options)
@@ -58,7 +61,8 @@ def serve(model, backend, max_model_len, kv_cache_memory, dtype, verbose, host, 
         uv[0].should_exit = True
 
     app = build_app(server, api_key=api_key or None, max_body_bytes=max_body_bytes, allowed_origins=origins,
-                    shutdown_grace_s=shutdown_grace, loader=load, on_load_error=load_failed)
+                    shutdown_grace_s=shutdown_grace, loader=load, on_load_error=load_failed,
+                    status_every_s=status_every)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     click.echo(f"loading {model} (http://{host}:{port}/health says 'loading' until it is ready)", err=True)

@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Protocol
 
 from cupaged.engine.output_processor import RequestQueue
 from cupaged.errors import CupagedError
@@ -54,6 +54,29 @@ class AsyncStats:
     aborted_at_shutdown: int = 0
     steps: int = 0
     step_failures: int = 0       # steps that raised (their requests were failed, the loop went on)
+
+
+class RequestObserver(Protocol):
+    """Told about every request as its caller sees it (a stats logger: the server's Prometheus metrics).
+    on_tokens and on_finished run on the caller's event loop, on_scheduled in the engine thread."""
+
+    def on_tokens(self, new_tokens: int, seconds: float, first: bool) -> None:
+        """An output brought new_tokens; seconds since the request was sent (first) or since its last
+        output with tokens (time to first token / inter-token latency)."""
+
+    def on_finished(self, out: RequestOutput, seconds: float) -> None:
+        """The request's last output, seconds after it was sent (end-to-end latency)."""
+
+    def on_scheduled(self, seconds: float) -> None:
+        """A sequence ran its first step after waiting seconds in the queue."""
+
+
+@dataclass
+class _Progress:
+    """One request's timing, as its caller sees it."""
+    sent: float                  # time.monotonic() when generate was called
+    last: float | None = None    # when the last output with new tokens came
+    tokens: int = 0              # tokens seen so far (for cumulative outputs)
 
 
 class _LoopQueue(RequestQueue):
@@ -80,6 +103,8 @@ class AsyncLLM:
         self.tokenizer = self.engine.tokenizer
         self.stats = AsyncStats()
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.observer: RequestObserver | None = None
+        self.engine.scheduler.queue_times = []  # drained after each step (to the observer, if any)
         self._accepting = True
         self._stop = False
         self._ids = itertools.count()
@@ -96,6 +121,7 @@ class AsyncLLM:
             raise EngineClosedError("the engine is shutting down and takes no new request")
         rid = f"async-{next(self._ids)}" if request_id is None else str(request_id)
         q = _LoopQueue(asyncio.get_running_loop())
+        progress = _Progress(time.monotonic())
         try:
             await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, q)))
         except asyncio.CancelledError:  # gone before the add ran: the abort queues behind it
@@ -104,12 +130,23 @@ class AsyncLLM:
         try:
             while True:
                 out = await q.items.get()
+                if self.observer is not None:
+                    self._observe(out, params, progress)
                 yield out
                 if out.finished:
                     return
         finally:
             if not q.finished:
                 self._call(lambda: self._abort_by_caller(rid))
+
+    def _observe(self, out: RequestOutput, params: SamplingParams | None, progress: _Progress) -> None:
+        now, count = time.monotonic(), sum(len(o.token_ids) for o in out.outputs)
+        new = count if params is not None and params.output_kind == "delta" else count - progress.tokens
+        if new > 0:
+            self.observer.on_tokens(new, now - (progress.last or progress.sent), progress.last is None)
+            progress.tokens, progress.last = progress.tokens + new, now
+        if out.finished:
+            self.observer.on_finished(out, now - progress.sent)
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread (its stream ends with finish_reason "abort")."""
@@ -159,11 +196,20 @@ class AsyncLLM:
             try:
                 engine.step()
                 self.stats.steps += 1
+                self._report_queue_times()
             except Exception as exc:  # not one request's failure: fail all, keep the loop alive
                 self.stats.step_failures += 1
                 logger.exception("engine step failed; failing its %d requests", len(engine.requests))
                 for rid in list(engine.requests):
                     engine.fail_request(rid, exc)
+
+    def _report_queue_times(self) -> None:
+        times = self.engine.scheduler.queue_times
+        if times:
+            if self.observer is not None:
+                for seconds in times:
+                    self.observer.on_scheduled(seconds)
+            times.clear()
 
     def _drain(self, block: bool) -> None:
         try:

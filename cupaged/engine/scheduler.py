@@ -30,6 +30,7 @@ the newest give their blocks up (they are not queued: the beams forked from them
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -108,6 +109,9 @@ class Scheduler:
         self.num_preemptions = 0   # by recompute or by swap
         self.num_swap_outs = 0     # sequences swapped out / back in
         self.num_swap_ins = 0
+        # seconds each sequence waited from joining the queue to its first step, while a list (AsyncLLM
+        # sets one and drains it for the server's queue-time histogram); None: not recorded
+        self.queue_times: list[float] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -211,6 +215,10 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if seq.queued_at is not None:
+                if self.queue_times is not None:
+                    self.queue_times.append(time.monotonic() - seq.queued_at)
+                seq.queued_at = None
             seats += seq.num_seats
             budget = max(0, budget - self._take(batch, seq, n))
             first_prompt = False

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from enum import Enum, auto
 
 from cupaged.sampling_params import SamplingParams
@@ -42,6 +43,7 @@ class Sequence:
         self.logprobs: list[dict[int, float]] = []
         self.cumulative_logprob = 0.0         # sum of the chosen tokens' log-probabilities, where known
         self.num_preemptions = 0
+        self.queued_at: float | None = time.monotonic()  # when it joined the queue; None once scheduled
         # prefix cache: requests with different salts never share blocks
         self.cache_salt = cache_salt
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids, lazily
@@ -102,6 +104,7 @@ class Sequence:
         child.logprobs = list(self.logprobs)
         child.cumulative_logprob = self.cumulative_logprob
         child.stop_ids, child.max_len = self.stop_ids, self.max_len
+        child.queued_at = None  # it never queued: it runs from its parent's step
         return child
 
     def finish(self, reason: str) -> None:

@@ -16,84 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import threading
 from typing import AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from cupaged import __version__
-from cupaged.async_llm import AsyncLLM, EngineClosedError
+from cupaged.async_llm import AsyncLLM
 from cupaged.errors import CupagedError, InvalidRequestError
 from cupaged.outputs import RequestOutput
 from cupaged.server import openai_format as fmt
-from cupaged.server.metrics import Metrics
+from cupaged.server.errors import APIError, Guard, param_of, add_error_handlers
+from cupaged.server.metrics import Metrics, log_status
 from cupaged.server.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    """OpenAI's error body. code is a string as in OpenAI's API ("invalid_api_key", "model_not_found",
-    "context_length_exceeded") or null; the HTTP status carries the number."""
-    if code is None and "context length" in message:
-        code = "context_length_exceeded"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-FIELDS = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
-
-
-def _param_of(message: str) -> str | None:
-    """The request field an InvalidRequestError is about ("top_p must be ..." -> "top_p"; the prompt's
-    own problems -> "prompt"), or None."""
-    word = message.split(" ", 1)[0]
-    if word in FIELDS:
-        return word
-    if message.startswith(("the prompt", "prompt")):
-        return "prompt"
-    return None
-
-
-class Guard:
-    """ASGI middleware: the API key (constant-time, every path but /health) and the body size limit."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"] != "/health":
-            auth = headers.get(b"authorization", b"")
-            given = auth[7:] if auth[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(given, self.api_key.encode()):
-                body = error_body("invalid or missing API key (send Authorization: Bearer <key>)",
-                                  "authentication_error", code="invalid_api_key")
-                return await JSONResponse(body, 401)(scope, receive, send)
-        length = headers.get(b"content-length")
-        if scope["method"] == "POST" and (length is None or not length.isdigit()):
-            body = error_body("a POST needs a Content-Length header (bodies are size-limited)",
-                              "invalid_request_error", code="length_required")
-            return await JSONResponse(body, 411)(scope, receive, send)
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            body = error_body(f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}",
-                              "invalid_request_error", code="request_too_large")
-            return await JSONResponse(body, 413)(scope, receive, send)
-        return await self.app(scope, receive, send)
 
 
 class Server:
@@ -104,7 +44,7 @@ class Server:
         self.model_name, self.max_waiting = model_name, max_waiting_requests
         self.llm: AsyncLLM | None = None
         self.load_error: str | None = None
-        self.metrics = Metrics(None)
+        self.metrics = Metrics(model_name)
         self.unstarted = 0  # engine requests added by this server that have not had their first output
         if llm is not None:
             self.attach(llm)
@@ -112,7 +52,7 @@ class Server:
     def attach(self, llm: AsyncLLM) -> None:
         self.tokenizer = llm.tokenizer
         self.logprobs = fmt.Logprobs(self.tokenizer)
-        self.metrics.llm = llm
+        self.metrics.attach(llm)
         self.llm = llm  # last: the endpoints take this as "ready"
 
     # --- checks -----------------------------------------------------------------------------------
@@ -151,7 +91,6 @@ class Server:
                 await gen.aclose()
             raise errors[0]
         started = list(zip(firsts, gens))
-        self.metrics.requests_started(len(prompts))
         return started
 
     @staticmethod
@@ -239,7 +178,6 @@ class Server:
                 moved = [c for c, o in zip(choices(i, out), out.outputs) if o.text or o.token_ids or o.finish_reason]
                 if moved:
                     yield _event(fmt.envelope(kind, rid, self.model_name, created, moved))
-            self.metrics.tokens(prompt_tokens, generated)
             if include_usage:
                 yield _event(fmt.envelope(kind, rid, self.model_name, created, [],
                                           fmt.usage(prompt_tokens, generated)))
@@ -254,7 +192,6 @@ class Server:
             generated += sum(len(o.token_ids) for o in out.outputs)
             for choice in choices(i, out):
                 _accumulate(merged, choice)
-        self.metrics.tokens(prompt_tokens, generated)
         ordered = [merged[k] for k in sorted(merged)]
         return fmt.envelope(kind, rid, self.model_name, created, ordered, fmt.usage(prompt_tokens, generated))
 
@@ -262,7 +199,7 @@ class Server:
         try:
             return fmt.sampling_params(body)
         except InvalidRequestError as e:
-            raise APIError(400, str(e), param=_param_of(str(e))) from e
+            raise APIError(400, str(e), param=param_of(str(e))) from e
 
     @staticmethod
     def _prompts(prompt) -> list:
@@ -304,14 +241,18 @@ def _accumulate(merged: dict[int, dict], choice: dict) -> None:
 def build_app(server: Server, api_key: str | None = None, max_body_bytes: int = 1 << 22,
               allowed_origins: list[str] | None = None, shutdown_grace_s: float = 10.0,
               loader: Callable[[], AsyncLLM] | None = None,
-              on_load_error: Callable[[Exception], None] | None = None) -> FastAPI:
+              on_load_error: Callable[[Exception], None] | None = None, status_every_s: float = 0) -> FastAPI:
     """loader: makes the AsyncLLM in a thread once the server is up (so /health answers "loading"
-    meanwhile); on_load_error is called with what it raised."""
+    meanwhile); on_load_error is called with what it raised. status_every_s: log a status line that
+    often while busy (0: never)."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if loader is not None and server.llm is None:
             threading.Thread(target=_load, args=(server, loader, on_load_error), daemon=True).start()
+        status = asyncio.create_task(log_status(server.metrics, status_every_s)) if status_every_s else None
         yield
+        if status is not None:
+            status.cancel()
         if server.llm is not None:
             await server.llm.shutdown(shutdown_grace_s)
 
@@ -320,7 +261,7 @@ def build_app(server: Server, api_key: str | None = None, max_body_bytes: int = 
     if allowed_origins:  # added last, so outermost: a browser's preflight (no key) is answered before Guard
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
-    _add_errors(app)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -380,35 +321,3 @@ def _load(server: Server, loader, on_load_error) -> None:
         logger.error("loading the model failed: %s", server.load_error)
         if on_load_error is not None:
             on_load_error(e)
-
-
-def _add_errors(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), e.status)
-
-    @app.exception_handler(InvalidRequestError)
-    async def invalid(request: Request, e: InvalidRequestError):
-        return JSONResponse(error_body(str(e), "invalid_request_error", _param_of(str(e))), 400)
-
-    @app.exception_handler(EngineClosedError)
-    async def closed(request: Request, e: EngineClosedError):
-        return JSONResponse(error_body(str(e), "unavailable_error"), 503)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation(request: Request, e: RequestValidationError):
-        first = e.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
-        elif param:
-            message = f"{param}: {message} (got {first.get('input')!r:.80})"
-        return JSONResponse(error_body(message, "invalid_request_error", param), 400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        message = f"no such path: {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
-        return JSONResponse(error_body(message, kind), e.status_code)

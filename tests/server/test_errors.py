@@ -79,7 +79,7 @@ def test_tokenize_detokenize_version_metrics(http, smol_llm):
     assert http.post("/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == "Hello world"
     assert http.get("/version").json()["version"]
     text = http.get("/metrics").text
-    assert "cupaged_requests_added_total" in text and "cupaged_kv_blocks_free" in text
+    assert "cupaged:kv_cache_usage_perc" in text and "cupaged:generation_tokens_total" in text
 
 
 def test_clients_that_disconnect_are_aborted(http, served):

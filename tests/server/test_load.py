@@ -85,6 +85,8 @@ def test_two_hundred_clients_that_leave_early(wide):
     wait_idle(server.llm, timeout=120)
     aborted = server.llm.stats.aborted_by_caller - before
     assert aborted == 200
+    metric = httpx.get(base + "/metrics").text
+    assert 'cupaged:client_disconnects_total{model_name="smol"} ' + f"{float(server.llm.stats.aborted_by_caller)}" in metric
     assert run_clients(base, 3) == [3, 3, 3]
 
 

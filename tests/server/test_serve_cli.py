@@ -1,5 +1,6 @@
 """`cupaged serve` as a user starts it: a subprocess on a free port answers /health and a chat, and
-SIGTERM during a stream lets it finish within the grace period, then exits 0."""
+SIGTERM during a stream lets it finish within the grace period, then exits 0; while busy it logs a
+status line."""
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ def test_serve_answers_then_shuts_down_gracefully_on_sigterm(smollm2_dir):
     port = free_port()
     cmd = [sys.executable, "-m", "cupaged.cli.main", "serve", "-m", str(smollm2_dir), "--backend", "cpu",
            "--port", str(port), "--max-model-len", "512", "--kv-cache-memory", str(64 * BLOCK_BYTES),
-           "--shutdown-grace", "20", "--served-model-name", "smol"]
+           "--shutdown-grace", "20", "--served-model-name", "smol", "--status-every", "0.05"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
     try:
         base = f"http://127.0.0.1:{port}"
@@ -58,6 +59,7 @@ def test_serve_answers_then_shuts_down_gracefully_on_sigterm(smollm2_dir):
             proc.kill()
         out = proc.stdout.read().decode(errors="replace")
     assert "serving smol on http://127.0.0.1" in out, out
+    assert "INFO cupaged.server.metrics: running 1, waiting 0, generation" in out, out  # the status line
 
 
 def test_serve_with_a_model_that_fails_to_load_exits_1():
