@@ -1,12 +1,12 @@
-"""`cupaged bench serve`: the OpenAI server under load, measured from its clients.
+"""`cupaged bench serve`, shaped like `vllm bench serve`: an OpenAI-compatible server under a seeded
+synthetic (or JSONL) load, measured from its clients (cli/serve_load.py).
 
-The server (`cupaged serve`'s app) runs in this process on a free loopback port; clients are httpx
-streams in an asyncio loop of another thread, as separate processes' requests would arrive over
-loopback. For each request rate (Poisson arrivals; "inf" sends every request at once), --requests
-streaming completions of --input-len random prompt tokens and --output-len new tokens (ignore_eos)
-are sent, while a prober asks /health every 20 ms. Per rate: request throughput, output tok/s,
-TTFT (request sent -> first text chunk) and ITL (between text chunks) p50/p99, and /health latency
-p50/p99 under that load.
+Without --base-url the server is `cupaged serve`'s app on --model, in this process on a free
+loopback port (the clients are httpx streams on an asyncio loop, as other processes' requests would
+arrive over loopback). With --base-url nothing loads: the same load goes to that server, so the
+same command measures another engine's server (vLLM's, llama.cpp's llama-server). Per request rate:
+request throughput, output tokens/s, TTFT / ITL / E2E p50, p90 and p99, and /health latency under
+that load; --result-file writes it all as JSON.
 """
 from __future__ import annotations
 
@@ -19,55 +19,9 @@ import time
 import click
 import numpy as np
 
-from cupaged.cli.bench import machine_name, percentile_ms
+from cupaged.cli.bench import machine_name
 from cupaged.cli.options import _fail, model_options
-
-
-async def one_request(client, prompt: list[int], output_len: int) -> dict:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": output_len, "ignore_eos": True,
-            "temperature": 0, "stream": True}
-    t0 = time.perf_counter()
-    stamps = []
-    async with client.stream("POST", "/v1/completions", json=body) as reply:
-        if reply.status_code != 200:
-            raise click.ClickException(f"the server answered {reply.status_code}: {(await reply.aread())[:200]!r}")
-        async for line in reply.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
-                stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - t0 if stamps else None, "itl": list(np.diff(stamps)), "end": time.perf_counter()}
-
-
-async def probe(client, stop: asyncio.Event, latencies: list[float]) -> None:
-    while not stop.is_set():
-        t0 = time.perf_counter()
-        await client.get("/health")
-        latencies.append(time.perf_counter() - t0)
-        await asyncio.sleep(0.02)
-
-
-async def run_rate(base: str, rate: float, prompts: list[list[int]], output_len: int, seed: int) -> dict:
-    import httpx
-
-    gaps = np.random.default_rng(seed).exponential(1 / rate, len(prompts)) if math.isfinite(rate) else [0] * len(prompts)
-    limits = httpx.Limits(max_connections=len(prompts) + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client, \
-            httpx.AsyncClient(base_url=base, timeout=60) as prober:
-        stop, health = asyncio.Event(), []
-        probing = asyncio.create_task(probe(prober, stop, health))
-        t0, tasks = time.perf_counter(), []
-        for prompt, gap in zip(prompts, gaps):
-            await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(one_request(client, prompt, output_len)))
-        results = await asyncio.gather(*tasks)
-        elapsed = max(r["end"] for r in results) - t0
-        stop.set()
-        await probing
-    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
-    itl = [x for r in results for x in r["itl"]]
-    return {"rate": rate, "requests": len(prompts), "elapsed_s": elapsed, "req_per_s": len(prompts) / elapsed,
-            "out_tok_per_s": len(prompts) * output_len / elapsed,
-            **{f"p{q}_{name}_ms": percentile_ms(values, q) for name, values in
-               (("ttft", ttft), ("itl", itl), ("health", health)) for q in (50, 99)}}
+from cupaged.cli.serve_load import Item, jsonl_workload, random_workload, run_rate
 
 
 def start_server(llm):
@@ -85,55 +39,132 @@ def start_server(llm):
     return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server, thread
 
 
+def parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of rates (numbers or inf)",
+                                 param_hint="--request-rate") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise click.BadParameter("every rate must be > 0 (inf: all at once)", param_hint="--request-rate")
+    return rates
+
+
+def remote_model(base: str, headers: dict, name: str | None) -> str:
+    """The model name to send: --served-model-name, else the first the server lists."""
+    import httpx
+    if name:
+        return name
+    try:
+        reply = httpx.get(base + "/v1/models", headers=headers, timeout=30)
+        reply.raise_for_status()
+        return reply.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        raise click.ClickException(f"could not ask {base}/v1/models for a model name ({e}); "
+                                   "pass --served-model-name") from e
+
+
 @click.command()
 @model_options
-@click.option("--rates", default="1,4,inf", show_default=True, help="Request rates per second, comma-separated.")
-@click.option("--requests", "num_requests", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--input-len", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--output-len", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--base-url", default=None, help="An OpenAI-compatible server to measure (default: start "
+              "cupaged's on --model in this process).")
+@click.option("--served-model-name", default=None, help="With --base-url: the model name to send "
+              "(default: the first in its /v1/models).")
+@click.option("--api-key", default=None, envvar="OPENAI_API_KEY", show_envvar=True,
+              help="With --base-url: sent as 'Authorization: Bearer KEY'.")
+@click.option("--request-rate", "rates", default="1,4,inf", show_default=True,
+              help="Requests per second (Poisson arrivals), comma-separated for several runs; inf sends all at once.")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
+              help="At most this many requests in flight (default: no bound).")
+@click.option("--requests", "num_requests", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Requests per rate.")
+@click.option("--input-len", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Random prompts: mean length in tokens.")
+@click.option("--output-len", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Random prompts: mean new tokens.")
+@click.option("--range-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Lengths are drawn from [len * (1 - r), len * (1 + r)].")
+@click.option("--vocab-size", type=click.IntRange(min=256), default=None,
+              help="With --base-url: random token ids are drawn below this (default 32000).")
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False), default=None,
+              help='JSONL of {"prompt": text or token ids, "output_len": n} instead of random prompts.')
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def serve(model, backend, max_model_len, kv_cache_memory, dtype, verbose, rates, num_requests, input_len,
-          output_len, seed, as_json, **engine):
-    """Load the OpenAI server: throughput, TTFT, ITL and /health latency at several request rates."""
+@click.option("--result-file", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the settings and every row as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON instead of the table.")
+def serve(model, backend, max_model_len, kv_cache_memory, dtype, verbose, base_url, served_model_name, api_key,
+          rates, max_concurrency, num_requests, input_len, output_len, range_ratio, vocab_size, dataset, seed,
+          result_file, as_json, **engine):
+    """Load an OpenAI-compatible server: throughput, TTFT, ITL, E2E and /health latency per request rate."""
+    rate_list = parse_rates(rates)
+    rng = np.random.default_rng(seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    llm = server = thread = None
+    if base_url is None:
+        llm = load(model, backend, max_model_len, dtype, kv_cache_memory, engine)
+        name, vocab = "bench", llm.engine.model_config.vocab_size
+        longest = int(input_len * (1 + range_ratio)) + int(output_len * (1 + range_ratio))
+        if dataset is None and longest > llm.engine.max_model_len:
+            raise click.BadParameter(f"input + output lengths (up to {longest}) exceed max_model_len "
+                                     f"{llm.engine.max_model_len}", param_hint="--input-len")
+        base_url, server, thread = start_server(llm)
+    else:
+        base_url = base_url.rstrip("/").removesuffix("/v1")
+        name, vocab = remote_model(base_url, headers, served_model_name), vocab_size or 32000
+
+    def workload() -> list[Item]:
+        if dataset is not None:
+            return jsonl_workload(dataset, num_requests)
+        return random_workload(num_requests, input_len, output_len, range_ratio, vocab, rng)
+
+    rows = []
+    try:
+        asyncio.run(run_rate(base_url, name, headers, math.inf, workload()[:1], seed, None))  # warm
+        for rate in rate_list:
+            rows.append(asyncio.run(run_rate(base_url, name, headers, rate, workload(), seed, max_concurrency)))
+    finally:
+        if server is not None:
+            server.should_exit = True
+            thread.join(timeout=30)
+    report = {"machine": machine_name(), "base_url": base_url if llm is None else None,
+              "backend": llm.engine.ops.name if llm is not None else None, "model": name if llm is None else model,
+              "workload": {"dataset": dataset, "requests": num_requests, "input_len": input_len,
+                           "output_len": output_len, "range_ratio": range_ratio, "seed": seed}, "rows": rows}
+    if result_file:
+        with open(result_file, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    print_table(report)
+
+
+def load(model, backend, max_model_len, dtype, kv_cache_memory, engine):
     from cupaged.async_llm import AsyncLLM
     from cupaged.errors import CupagedError
     try:
-        rate_list = [float(r) for r in rates.split(",") if r.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{rates!r} is not a comma-separated list of rates (numbers or inf)",
-                                 param_hint="--rates") from None
-    if not rate_list or any(not r > 0 for r in rate_list):
-        raise click.BadParameter("every rate must be > 0 (inf: all at once)", param_hint="--rates")
-    try:
-        llm = AsyncLLM(model=model, backend=backend, max_model_len=max_model_len, dtype=dtype, **kv_cache_memory,
-                       **engine)
+        return AsyncLLM(model=model, backend=backend, max_model_len=max_model_len, dtype=dtype, **kv_cache_memory,
+                        **engine)
     except CupagedError as e:
         _fail(e)
-    if input_len + output_len > llm.engine.max_model_len:
-        raise click.BadParameter(f"input + output ({input_len + output_len}) exceed max_model_len "
-                                 f"{llm.engine.max_model_len}", param_hint="--input-len")
-    base, server, thread = start_server(llm)
-    rng = np.random.default_rng(seed)
-    vocab = llm.engine.model_config.vocab_size
-    rows = []
-    try:
-        asyncio.run(run_rate(base, math.inf, [rng.integers(100, vocab - 100, input_len).tolist()], 2, seed))  # warm
-        for rate in rate_list:
-            prompts = [rng.integers(100, vocab - 100, input_len).tolist() for _ in range(num_requests)]
-            rows.append(asyncio.run(run_rate(base, rate, prompts, output_len, seed)))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-    if as_json:
-        click.echo(json.dumps({"machine": machine_name(), "backend": llm.engine.ops.name, "rows": rows}))
-        return
-    click.echo(f"cupaged bench serve on {machine_name()}, {llm.engine.ops.name} backend: {num_requests} streaming "
-               f"requests per rate, {input_len} prompt + {output_len} new tokens each")
-    click.echo(f"{'rate':>6} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8} "
-               f"{'/health p50':>12} {'p99':>8}   (ms)")
-    for r in rows:
-        cells = [r[k] or 0.0 for k in ("p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "p50_health_ms",
-                                       "p99_health_ms")]
-        click.echo(f"{r['rate']:>6g} {r['req_per_s']:7.2f} {r['out_tok_per_s']:10.1f} {cells[0]:9.1f} {cells[1]:8.1f} "
-                   f"{cells[2]:8.1f} {cells[3]:8.1f} {cells[4]:12.2f} {cells[5]:8.2f}")
+
+
+def print_table(report: dict) -> None:
+    w = report["workload"]
+    what = f"{w['dataset']}" if w["dataset"] else (f"{w['input_len']} prompt + {w['output_len']} new tokens"
+                                                   + (f" (+-{w['range_ratio']:.0%})" if w["range_ratio"] else ""))
+    where = f"{report['base_url']}" if report["base_url"] else f"cupaged serve, {report['backend']} backend"
+    click.echo(f"cupaged bench serve on {report['machine']}, {where}: {w['requests']} streaming requests per "
+               f"rate, {what}")
+    click.echo(f"{'rate':>5} {'conc':>5} {'fail':>4} {'req/s':>6} {'out tok/s':>9} | {'TTFT p50':>8} {'p90':>7} "
+               f"{'p99':>7} | {'ITL p50':>7} {'p90':>6} {'p99':>6} | {'E2E p50':>7} {'p90':>7} {'p99':>7} | "
+               f"{'/health p99':>11}  (ms)")
+    for r in report["rows"]:
+        cell = {k: (v if v is not None else float("nan")) for k, v in r.items()}
+        click.echo(f"{r['rate']:>5g} {r['max_concurrency'] or '-':>5} {r['failed']:>4} {r['req_per_s']:6.2f} "
+                   f"{r['out_tok_per_s']:9.1f} | {cell['p50_ttft_ms']:8.1f} {cell['p90_ttft_ms']:7.1f} "
+                   f"{cell['p99_ttft_ms']:7.1f} | {cell['p50_itl_ms']:7.1f} {cell['p90_itl_ms']:6.1f} "
+                   f"{cell['p99_itl_ms']:6.1f} | {cell['p50_e2e_ms']:7.0f} {cell['p90_e2e_ms']:7.0f} "
+                   f"{cell['p99_e2e_ms']:7.0f} | {cell['p99_health_ms']:11.2f}")
+        if r["failed"]:
+            click.echo(f"      {r['failed']} failed; the first: {r['first_error']}")
