@@ -1,12 +1,14 @@
 """The CPU backend's GEMM (`cpu_gemm.matmul_nt`) against NumPy's BLAS, at SmolLM2-135M's shapes.
 
-    python benchmarks/cpu_gemm.py                 # rows 1, 16, 64, 2048
-    python benchmarks/cpu_gemm.py --rows 16 --cold
+    python benchmarks/cpu_gemm.py                 # rows 1, 16, 64, 2048; float32 and bfloat16 weights
+    python benchmarks/cpu_gemm.py --rows 1 16 --cold
 
-x [M, K] @ w [N, K].T for the fused QKV, O, fused gate/up and down projections. With --cold each
-shape cycles through 30 copies of w (one per layer, ~100 MB, more than the L3), as a decode step
-does; otherwise w stays in cache. Each side is timed in its own pass, NumPy's last, so that
-OpenBLAS's spinning threads do not land on Numba's measurement.
+x [M, K] @ w [N, K].T for the fused QKV, O, fused gate/up and down projections, w float32 or
+bfloat16 (uint16 bits, widened in registers). With --cold each shape cycles through 30 copies of w
+(one per layer, ~100 MB, more than the L3), as a decode step does; otherwise w stays in cache.
+Prints GF/s and GB/s of weights streamed (w's bytes per call / time: the figure a decode step is
+bound by). Each side is timed in its own pass, NumPy's (float32 only) last, so that OpenBLAS's
+spinning threads do not land on Numba's measurement.
 """
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ import numpy as np
 
 from cupaged.backend.cpu import CpuOps
 from cupaged.cli.bench import machine_name
+from cupaged.util import float_to_bf16_bits
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # (N, K)
 
 
-def gflops(fn, x, ws, budget_flop: float = 3e9) -> float:
-    """Mean GF/s of fn(x, w) over ws, repeated to about budget_flop."""
+def gflops(fn, x, ws, budget_flop: float = 3e9) -> tuple[float, float]:
+    """Mean (GF/s, GB/s of w) of fn(x, w) over ws, repeated to about budget_flop."""
     flop = 2 * x.shape[0] * ws[0].size
     reps = max(2, int(budget_flop / (flop * len(ws))))
     for w in ws:
@@ -32,25 +35,33 @@ def gflops(fn, x, ws, budget_flop: float = 3e9) -> float:
     for _ in range(reps):
         for w in ws:
             fn(x, w)
-    return flop * reps * len(ws) / (time.perf_counter() - start) / 1e9
+    seconds = time.perf_counter() - start
+    return flop * reps * len(ws) / seconds / 1e9, ws[0].nbytes * reps * len(ws) / seconds / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 2048])
     ap.add_argument("--cold", action="store_true", help="30 copies of each weight (out of cache)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ops = CpuOps()
-    print(f"{machine_name()}, {numba.get_num_threads()} Numba threads ({'cold' if args.cold else 'hot'} weights), GF/s")
-    cases = [(m, name, [rng.standard_normal((n, k), dtype=np.float32) for _ in range(30 if args.cold else 1)],
-              rng.standard_normal((m, k), dtype=np.float32))
-             for m in args.rows for name, (n, k) in SHAPES.items()]
-    ours = [gflops(ops.linear, x, ws) for _, _, ws, x in cases]
-    blas = [gflops(lambda a, w: np.matmul(a, w.T), x, ws) for _, _, ws, x in cases]  # after: its threads spin on
-    print(f"{'rows':>5} {'shape':8} {'matmul_nt':>10} {'numpy':>8}")
-    for (m, name, _, _), a, b in zip(cases, ours, blas):
-        print(f"{m:5d} {name:8} {a:10.1f} {b:8.1f}")
+    print(f"{machine_name()}, {numba.get_num_threads()} Numba threads ({'cold' if args.cold else 'hot'} weights)")
+    cases = []
+    for m in args.rows:
+        for name, (n, k) in SHAPES.items():
+            ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(30 if args.cold else 1)]
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            for dtype in args.dtypes:
+                cases.append((m, name, dtype, ws if dtype == "float32" else [float_to_bf16_bits(np, w) for w in ws], x))
+    ours = [gflops(ops.linear, x, ws) for *_, ws, x in cases]
+    blas = [gflops(lambda a, w: np.matmul(a, w.T), x, ws) if dtype == "float32" else (float("nan"),) * 2
+            for _, _, dtype, ws, x in cases]  # after: its threads spin on
+    print(f"{'rows':>5} {'shape':8} {'weights':9} {'matmul_nt GF/s':>14} {'GB/s':>6} {'numpy GF/s':>11} {'GB/s':>6}")
+    for (m, name, dtype, _, _), (a, a_bw), (b, b_bw) in zip(cases, ours, blas):
+        print(f"{m:5d} {name:8} {dtype:9} {a:14.1f} {a_bw:6.1f} {b:11.1f} {b_bw:6.1f}")
+
 
 if __name__ == "__main__":
     main()

@@ -90,6 +90,12 @@ def summarize(work, stamps, start: float, elapsed: float) -> dict:
                for q in (90, 99)}}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far, MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def print_result(title: str, result: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result))
@@ -102,6 +108,8 @@ def print_result(title: str, result: dict, as_json: bool) -> None:
     click.echo(f"  median TTFT       {result['median_ttft_ms']:.1f} ms")
     if result["median_itl_ms"] is not None:
         click.echo(f"  median ITL        {result['median_itl_ms']:.1f} ms")
+    if result.get("peak_rss_mib") is not None:
+        click.echo(f"  peak RSS          {result['peak_rss_mib']:.0f} MiB")
 
 
 @click.group()
@@ -119,20 +127,28 @@ def bench() -> None:
 @click.option("--input-len", default="64:256", show_default=True, help="Prompt length, N or LO:HI tokens.")
 @click.option("--output-len", default="64:128", show_default=True, help="Output length, N or LO:HI tokens.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="As in chat: bfloat16 on the CPU stores the weight matrices in bf16.")
 @click.option("--warmup/--no-warmup", default=True, show_default=True, help="Run one short request first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def throughput(model, backend, num_requests, concurrency, input_len, output_len, seed, warmup, as_json):
-    """Offline throughput: N synthetic requests (fixed seed, ignore_eos), all submitted at once."""
+def throughput(model, backend, num_requests, concurrency, input_len, output_len, dtype, seed, warmup, as_json):
+    """Offline throughput: N synthetic requests (fixed seed, ignore_eos), all submitted at once; with
+    the process's peak RSS."""
     from cupaged.config import EngineConfig
     from cupaged.engine.engine import LLMEngine
-    engine = LLMEngine(EngineConfig(model=model, backend=backend, max_num_seqs=concurrency))
+    from cupaged.errors import CupagedError
+    try:
+        engine = LLMEngine(EngineConfig(model=model, backend=backend, dtype=dtype, max_num_seqs=concurrency))
+    except CupagedError as e:
+        raise click.ClickException(str(e)) from e
     work = synthetic_workload(num_requests, parse_range(input_len), parse_range(output_len),
                               engine.model_config.vocab_size, seed)
-    if warmup:
-        run_throughput(engine, work[:1])
+    if warmup:  # its own prompt: the workload's first would then be a prefix-cache hit
+        run_throughput(engine, synthetic_workload(1, (8, 8), (2, 2), engine.model_config.vocab_size, seed + 1))
     result = run_throughput(engine, work)
-    result.update(machine=machine_name(), backend=engine.ops.name, concurrency=concurrency, model=model)
-    print_result(f"cupaged {engine.ops.name}", result, as_json)
+    result.update(machine=machine_name(), backend=engine.ops.name, dtype=engine.ops.dtype_name,
+                  concurrency=concurrency, model=model, peak_rss_mib=peak_rss_mib())
+    print_result(f"cupaged {engine.ops.name} ({engine.ops.dtype_name})", result, as_json)
 
 
 STARTUP_SCRIPT = """

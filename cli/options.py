@@ -42,7 +42,8 @@ def parse_memory(text: str) -> dict:
 
 def model_options(f):
     f = click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-                     show_default=True, help="Compute dtype: auto is float32 on the CPU, float16 on CUDA.")(f)
+                     show_default=True, help="auto is float32 on the CPU, float16 on CUDA. On the CPU, bfloat16 stores the "
+                     "weight matrices in bf16 (half the memory and bytes per step) and computes in float32.")(f)
     f = click.option("--swap-space", type=click.FloatRange(min=0), default=4, show_default=True,
                      help="GiB of host memory for swapped-out KV blocks (with --preemption-mode swap).")(f)
     f = click.option("--preemption-mode", type=click.Choice(["recompute", "swap"]), default="recompute",

@@ -14,9 +14,12 @@ which makes one float32 copy of that tensor only.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import struct
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,35 @@ class Weights(Mapping[str, np.ndarray]):
     def raw(self, name: str) -> np.ndarray:
         """The array as stored on disk (uint16 bits for BF16)."""
         return self._arrays[name]
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's mapped pages from the resident set, once a copy of it is all that is used."""
+        release_pages(self._arrays[name])
+
+
+_MADV_DONTNEED = 4
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the whole pages of a memory-mapped, read-only array from this process's resident set
+    (Linux madvise MADV_DONTNEED). The file's data stays in the page cache and faults back in if the
+    array is read again, so this only changes RSS, never contents. A no-op for any array that is not
+    a view of a file mapping (on anonymous memory DONTNEED would zero it) and off Linux."""
+    if sys.platform != "linux" or array.nbytes == 0 or not _is_file_mapped(array):
+        return
+    address, page = array.__array_interface__["data"][0], mmap.PAGESIZE
+    lo, hi = -(-address // page) * page, (address + array.nbytes) // page * page
+    if hi > lo:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _is_file_mapped(array: np.ndarray) -> bool:
+    base = array
+    while isinstance(base, np.ndarray):
+        if isinstance(base.base, mmap.mmap):  # the np.memmap that owns the mapping
+            return isinstance(base, np.memmap) and base.mode == "r"
+        base = base.base
+    return False
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
@@ -243,6 +275,7 @@ def check_finite(weights: Weights, chunk: int = 1 << 24) -> None:
         for start in range(0, raw.size, chunk):
             part = raw[start:start + chunk]
             bad = (part & 0x7F80) == 0x7F80 if dtype == "BF16" else ~np.isfinite(part)
+            release_pages(part)  # read once here: the model's load faults in what it keeps
             if bad.any():
                 index = start + int(np.argmax(bad))
                 value = float(weights[name].reshape(-1)[index])

@@ -1,6 +1,8 @@
 """The CPU backend: NumPy arrays and Numba kernels, the GEMMs included (`cpu_gemm` says why not BLAS).
 
-The compute dtype is float32. Kernels live in `cupaged.backend.cpu_kernels`, `cpu_gemm` and
+The compute dtype is float32. Weight matrices (linear layers, embeddings) are float32, or with
+`CpuOps(weights="bfloat16")` bfloat16 bit patterns (uint16: half the bytes a decode step streams),
+widened to float32 inside the GEMM and the embedding gather. Kernels live in `cupaged.backend.cpu_kernels`, `cpu_gemm` and
 `cpu_math`; all run on Numba's one pool of threads (OpenMP) and are compiled
 on first use and cached on disk (`NUMBA_CACHE_DIR` moves the cache). Ops that return a new
 array allocate it here; ops documented as in place write into the arrays they are given.
@@ -27,9 +29,12 @@ from cupaged.backend.cpu_math import silu_and_mul
 from cupaged.backend.host_sampling import top_k_top_p_keep
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 from cupaged.errors import InvalidRequestError
+from cupaged.util import bf16_bits_to_float, float_to_bf16_bits
 
 _I32 = np.int32
 GEMMS = ("numba", "blas")  # CpuOps(gemm=...) / $CUPAGED_CPU_GEMM
+WEIGHTS = ("float32", "bfloat16")  # CpuOps(weights=...)
+BF16 = "bfloat16"  # the dtype token of bf16 arrays (held as uint16 bits)
 
 
 def _i32(x: Array) -> np.ndarray:
@@ -47,6 +52,17 @@ def kernels_cached() -> bool:
         return True
 
 
+def _to_bf16_in_chunks(x: Any, chunk: int = 1 << 20) -> np.ndarray:
+    """float values -> bf16 bits, converted a million elements at a time so the temporaries stay small
+    (the embedding table would otherwise need three float32-sized ones)."""
+    x = np.ascontiguousarray(x)
+    out = np.empty(x.shape, np.uint16)
+    src, dst = x.reshape(-1), out.reshape(-1)
+    for start in range(0, src.size, chunk):
+        dst[start:start + chunk] = float_to_bf16_bits(np, src[start:start + chunk])
+    return out
+
+
 class CpuOps(Ops):
     """`Ops` on NumPy arrays. Shapes as in `cupaged.backend.ops`."""
 
@@ -54,18 +70,29 @@ class CpuOps(Ops):
     dtype = np.float32   # the compute dtype: weights, activations and KV cache
     itemsize = 4
 
-    def __init__(self, gemm: str | None = None):
+    def __init__(self, gemm: str | None = None, weights: str = "float32"):
         """gemm: "numba" (`cpu_gemm.matmul_nt`, the default) or "blas" (NumPy's matmul, for machines
-        where its BLAS wins); None reads $CUPAGED_CPU_GEMM. With "blas" from the environment,
-        `cpu_math` keeps Numba on its workqueue layer, whose parked threads leave BLAS's alone."""
+        where its BLAS wins; bf16 weights always take matmul_nt); None reads $CUPAGED_CPU_GEMM. With
+        "blas" from the environment, `cpu_math` keeps Numba on its workqueue layer, whose parked
+        threads leave BLAS's alone. weights: "float32" or "bfloat16", the storage of weight matrices."""
         gemm = gemm or os.environ.get("CUPAGED_CPU_GEMM") or "numba"
         if gemm not in GEMMS:
             raise InvalidRequestError(f"CPU GEMM must be one of {', '.join(GEMMS)} (CUPAGED_CPU_GEMM), got {gemm!r}")
+        if weights not in WEIGHTS:
+            raise InvalidRequestError(f"CPU weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         self.gemm = gemm
+        self.weight_dtype = BF16 if weights == BF16 else np.float32
+
+    @property
+    def dtype_name(self) -> str:
+        return "float32, bfloat16 weights" if self.weight_dtype == BF16 else "float32"
 
     # --- arrays -----------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Array:
-        """A C-contiguous numpy array of `x`; no copy when `x` already is one of that dtype."""
+        """A C-contiguous numpy array of `x`; no copy when `x` already is one of that dtype. dtype
+        "bfloat16": float values -> bf16 bits (uint16), rounded to nearest even."""
+        if isinstance(dtype, str) and dtype == BF16:
+            return _to_bf16_in_chunks(x)
         return np.ascontiguousarray(x, dtype=dtype)
 
     def to_numpy(self, x: Array) -> Any:
@@ -98,8 +125,9 @@ class CpuOps(Ops):
 
     # --- dense layers -----------------------------------------------------------------
     def embedding(self, ids: Array, table: Array) -> Array:
-        """ids [T], table [V, H] -> [T, H] (a gather, new array)."""
-        return np.take(table, ids, axis=0)
+        """ids [T], table [V, H] float32 or bf16 bits -> [T, H] float32 (a gather, new array)."""
+        rows = np.take(table, ids, axis=0)
+        return bf16_bits_to_float(np, rows) if table.dtype == np.uint16 else rows
 
     def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
         """x [T, K] @ weight [N, K].T (+ bias [N]) -> new [T, N] float32, by `cpu_gemm.matmul_nt`
@@ -108,12 +136,12 @@ class CpuOps(Ops):
         if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
             # matmul_nt does not bounds-check: a K mismatch would read past the end of a row.
             raise ValueError(f"linear: x {x.shape} does not fit weight {weight.shape} (want [T, K] and [N, K])")
-        if self.gemm == "blas":
+        if self.gemm == "blas" and weight.dtype != np.uint16:
             out = np.matmul(x, weight.T)  # weight.T is a view: BLAS reads it with a transpose flag
-        else:
+        else:  # float32 or bf16 bits, read as stored
+            w = np.ascontiguousarray(weight) if weight.dtype == np.uint16 else np.ascontiguousarray(weight, np.float32)
             out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-            matmul_nt(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(weight, dtype=np.float32),
-                      out, numba.get_num_threads())
+            matmul_nt(np.ascontiguousarray(x, dtype=np.float32), w, out, numba.get_num_threads())
         if bias is not None:
             out += bias
         return out

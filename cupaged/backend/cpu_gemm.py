@@ -1,26 +1,61 @@
-"""The CPU backend's GEMM, x [M, K] @ w [N, K].T, in Numba rather than NumPy's BLAS.
+"""The CPU backend's GEMM, x [M, K] @ w [N, K].T, in Numba rather than NumPy's BLAS; w float32 or
+bfloat16 bits (uint16, widened in registers, float32 products and sums).
 
 Why not BLAS: (1) with a decode step's few rows, OpenBLAS packs every weight panel before using
 it once; (2) its worker threads keep spinning after each call, where they fight the Numba threads
-of the next kernel for the same cores (one thread pool per step is the fix); (3) on this project's
-machines numpy's OpenBLAS is pinned to its AVX2 kernels (OPENBLAS_CORETYPE). Measured on the
-2-core AMD EPYC, 2 threads, SmolLM2 shapes (`python benchmarks/cpu_gemm.py [--cold]`): 16 rows
-300-330 GF/s with w in cache (NumPy 120-150), 170-210 with w streamed from memory (NumPy 105-110);
-2048 rows 230-330 GF/s (NumPy 250-260); 1 row about even.
+of the next kernel for the same cores (one thread pool per step is the fix); (3) it has no
+bfloat16 weights. `python benchmarks/cpu_gemm.py [--cold]` measures it against NumPy
+(docs/results.md has the figures and the CPU each came from).
 
-How: each thread takes runs of BLOCK_PANELS 4-row panels of w straight from memory (no packing;
-a decode step reads the weights once) and multiplies them by every row of x, 4 x 4 outputs at a
-time: 16 float32 accumulators, each a SIMD register of partial sums over K, reduced at the end.
-The first 4 rows of x stream a run in address order; the other rows find it in L2.
+How, for M >= 2: each thread takes runs of panels of w (PANEL_ROWS rows each) straight from memory
+(no packing: a decode step reads the weights once) and multiplies them by every row of x, 4 rows
+of x by one panel at a time, each output a SIMD register of partial sums over K reduced at the
+end. The first 4 rows of x stream a run in address order; the others find it in L2. The panel is
+4 rows of w where the CPU has AVX-512 (32 vector registers hold 16 accumulators) and 2 with AVX2
+(16 registers: 4 x 4 accumulators spill, 4 x 2 do not; 1.5-2.5x faster at 512 rows on a Zen 3).
+For M == 1 (one decode stream) each thread walks its rows of w one after the other, one address-
+ordered stream: ~2x the GB/s of the panel walk with bf16 weights on the Zen 3, about even at float32.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 from cupaged.backend.cpu_math import FASTMATH
 
-BLOCK_PANELS = 32  # 4-row panels of w per work item (~300 KB of w at K = 576: it stays in L2)
+PANEL_ROWS = 4 if llvm.get_host_cpu_features().get("avx512f") else 2  # rows of w per panel (see above)
+BLOCK_ROWS = 128  # rows of w per work item (~300 KB at K = 576 in float32: it stays in L2)
+
+
+@intrinsic
+def _bf16_as_f32(typingctx, bits):
+    """bfloat16 bits (uint16) -> the float32 they are the top half of: zero-extend, shift left 16,
+    bitcast (LLVM vectorizes the three over a row)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+def widen(v):
+    """A weight element as float32: float32 as is; a uint16 as the bfloat16 it holds."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(widen, inline="always")
+def _widen(v):
+    if v == types.float32:
+        return lambda v: v
+    if v == types.uint16:
+        return lambda v: _bf16_as_f32(v)
+    return None
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
@@ -33,7 +68,7 @@ def _tile4x4(x, w, out, m0, n0):
     s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = z
     for k in range(x.shape[1]):
         a0, a1, a2, a3 = x0[k], x1[k], x2[k], x3[k]
-        b0, b1, b2, b3 = w0[k], w1[k], w2[k], w3[k]
+        b0, b1, b2, b3 = widen(w0[k]), widen(w1[k]), widen(w2[k]), widen(w3[k])
         s00 += a0 * b0
         s01 += a0 * b1
         s02 += a0 * b2
@@ -57,16 +92,40 @@ def _tile4x4(x, w, out, m0, n0):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
+def _tile4x2(x, w, out, m0, n0):
+    """out[m0:m0+4, n0:n0+2] = x[m0:m0+4] @ w[n0:n0+2].T (8 accumulators: fits AVX2's 16 registers)."""
+    x0, x1, x2, x3 = x[m0], x[m0 + 1], x[m0 + 2], x[m0 + 3]
+    w0, w1 = w[n0], w[n0 + 1]
+    z = np.float32(0.0)
+    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = z
+    for k in range(x.shape[1]):
+        b0, b1 = widen(w0[k]), widen(w1[k])
+        a0, a1, a2, a3 = x0[k], x1[k], x2[k], x3[k]
+        s00 += a0 * b0
+        s01 += a0 * b1
+        s10 += a1 * b0
+        s11 += a1 * b1
+        s20 += a2 * b0
+        s21 += a2 * b1
+        s30 += a3 * b0
+        s31 += a3 * b1
+    out[m0, n0], out[m0, n0 + 1] = s00, s01
+    out[m0 + 1, n0], out[m0 + 1, n0 + 1] = s10, s11
+    out[m0 + 2, n0], out[m0 + 2, n0 + 1] = s20, s21
+    out[m0 + 3, n0], out[m0 + 3, n0 + 1] = s30, s31
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def _tile1x4(x, w, out, m, n0):
     """out[m, n0:n0+4] = x[m] @ w[n0:n0+4].T (the rows of x past the last multiple of 4)."""
     xr, w0, w1, w2, w3 = x[m], w[n0], w[n0 + 1], w[n0 + 2], w[n0 + 3]
     s0 = s1 = s2 = s3 = np.float32(0.0)
     for k in range(x.shape[1]):
         a = xr[k]
-        s0 += a * w0[k]
-        s1 += a * w1[k]
-        s2 += a * w2[k]
-        s3 += a * w3[k]
+        s0 += a * widen(w0[k])
+        s1 += a * widen(w1[k])
+        s2 += a * widen(w2[k])
+        s3 += a * widen(w3[k])
     out[m, n0], out[m, n0 + 1], out[m, n0 + 2], out[m, n0 + 3] = s0, s1, s2, s3
 
 
@@ -78,17 +137,19 @@ def _row_by_panel(x, w, out, m, n0, n1):
         wr = w[n]
         s = np.float32(0.0)
         for k in range(x.shape[1]):
-            s += xr[k] * wr[k]
+            s += xr[k] * widen(wr[k])
         out[m, n] = s
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def _panel_rows(x, w, out, m0, m1, p):
-    """out[m0:m1, 4p:4p+4] (fewer columns for the last panel when N % 4 != 0)."""
-    n0 = 4 * p
-    n1 = min(n0 + 4, w.shape[0])
+    """out[m0:m1, PANEL_ROWS p : PANEL_ROWS (p+1)] (fewer columns for the last panel)."""
+    n0 = PANEL_ROWS * p
+    n1 = min(n0 + PANEL_ROWS, w.shape[0])
     if m1 - m0 == 4 and n1 - n0 == 4:
         _tile4x4(x, w, out, m0, n0)
+    elif m1 - m0 == 4 and n1 - n0 == 2:
+        _tile4x2(x, w, out, m0, n0)
     elif n1 - n0 == 4:
         for m in range(m0, m1):
             _tile1x4(x, w, out, m, n0)
@@ -97,19 +158,38 @@ def _panel_rows(x, w, out, m0, m1, p):
             _row_by_panel(x, w, out, m, n0, n1)
 
 
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
+def _rows_in_order(x, w, out, n0, n1):
+    """out[:, n0:n1], one row of w after the other (for M == 1: one address-ordered stream)."""
+    for n in range(n0, n1):
+        wr = w[n]
+        for m in range(x.shape[0]):
+            xr = x[m]
+            s = np.float32(0.0)
+            for k in range(x.shape[1]):
+                s += xr[k] * widen(wr[k])
+            out[m, n] = s
+
+
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def matmul_nt(x, w, out, threads):
-    """x [M, K] @ w [N, K].T -> out [M, N], all float32 and C-contiguous; threads: Numba's
-    thread count (numba.get_num_threads(), passed in: reading it here would defeat the disk cache).
+    """x [M, K] @ w [N, K].T -> out [M, N], C-contiguous; x and out float32, w float32 or bfloat16
+    bits (uint16); threads: Numba's thread count (numba.get_num_threads(), passed in: reading it
+    here would defeat the disk cache).
 
-    Work items are runs of about BLOCK_PANELS panels, as many per thread. Within one, every
-    4 rows of x sweep the whole run: the first sweep reads the run from memory in address order,
-    the others find it in L2 (~20% faster from memory than finishing one panel at a time, in a
-    throwaway experiment on the 2-core EPYC that is not kept in the repo).
+    M == 1: each thread takes N / threads rows of w in order. Otherwise work items are runs of about
+    BLOCK_ROWS rows of w (whole panels), as many per thread. Within one, every 4 rows of x sweep the
+    whole run: the first sweep reads the run from memory in address order, the others find it in
+    L2 (~20% faster from memory than finishing one panel at a time, in a throwaway experiment on
+    the 2-core EPYC that is not kept in the repo).
     """
-    m_n = x.shape[0]
-    n_panels = (w.shape[0] + 3) // 4
-    n_blocks = threads * max(1, round(n_panels / (threads * BLOCK_PANELS)))
+    m_n, n_rows = x.shape[0], w.shape[0]
+    if m_n == 1:
+        for t in numba.prange(threads):
+            _rows_in_order(x, w, out, t * n_rows // threads, (t + 1) * n_rows // threads)
+        return
+    n_panels = (n_rows + PANEL_ROWS - 1) // PANEL_ROWS
+    n_blocks = threads * max(1, round(n_panels * PANEL_ROWS / (threads * BLOCK_ROWS)))
     for blk in numba.prange(n_blocks):
         p0 = blk * n_panels // n_blocks
         p1 = (blk + 1) * n_panels // n_blocks

@@ -48,6 +48,7 @@ class Ops(ABC):
     name: str = "abstract"
     dtype: Any = None   # compute dtype token for asarray/zeros: weights, activations, KV cache
     itemsize: int = 0   # bytes per element of that dtype (sizes the KV pool)
+    weight_dtype: Any = None  # dtype token of the weight matrices (linear layers, embeddings); None: dtype
 
     @property
     def dtype_name(self) -> str:

@@ -57,31 +57,40 @@ class LlamaModel:
         """tensors: host arrays by HF name (already checked against expected_tensors); they go to the
         device in the backend's compute dtype `ops.dtype`."""
         self.cfg, self.ops = cfg, ops
-        dtype = ops.dtype
+        dtype, matrix_dtype = ops.dtype, ops.weight_dtype or ops.dtype
 
-        def dev(*names: str) -> Array:
+        release = getattr(tensors, "release", None)  # Weights: drop mapped pages once copied
+
+        def dev(*names: str, dtype=dtype) -> Array:
             parts = [np.asarray(tensors[n], dtype=np.float32) for n in names]
-            return ops.asarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0), dtype)
+            out = ops.asarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0), dtype)
+            if release is not None and not any(np.may_share_memory(out, p) for p in parts):
+                for n in names:
+                    release(n)  # held as a copy (fused, converted or on the device): the file's pages can go
+            return out
 
-        self.embed = dev("model.embed_tokens.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else dev("lm_head.weight")
+        def matrix(*names: str) -> Array:  # weight matrices: in ops.weight_dtype (bf16 on the CPU if asked)
+            return dev(*names, dtype=matrix_dtype)
+
+        self.embed = matrix("model.embed_tokens.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else matrix("lm_head.weight")
         self.norm = dev("model.norm.weight")
-        self.layers = [self._layer(dev, f"model.layers.{n}.") for n in range(cfg.num_layers)]
+        self.layers = [self._layer(dev, matrix, f"model.layers.{n}.") for n in range(cfg.num_layers)]
         self.cos_sin = ops.asarray(cfg.rope_cos_sin(cfg.max_position), np.float32)
         self.scale = cfg.head_dim ** -0.5
 
-    def _layer(self, dev, p: str) -> LayerWeights:
+    def _layer(self, dev, matrix, p: str) -> LayerWeights:
         cfg, a = self.cfg, p + "self_attn."
         return LayerWeights(
             input_norm=dev(p + "input_layernorm.weight"),
-            qkv=dev(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+            qkv=matrix(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
             qkv_bias=dev(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias") if cfg.qkv_bias else None,
             q_norm=dev(a + "q_norm.weight") if cfg.qk_norm else None,
             k_norm=dev(a + "k_norm.weight") if cfg.qk_norm else None,
-            o=dev(a + "o_proj.weight"),
+            o=matrix(a + "o_proj.weight"),
             post_norm=dev(p + "post_attention_layernorm.weight"),
-            gate_up=dev(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-            down=dev(p + "mlp.down_proj.weight"),
+            gate_up=matrix(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            down=matrix(p + "mlp.down_proj.weight"),
         )
 
     def forward(self, input_ids: Array, meta: AttnMetadata, kv_caches: list[tuple[Array, Array]]) -> Array:

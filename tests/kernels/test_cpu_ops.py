@@ -18,6 +18,7 @@ import pytest
 
 from cupaged.backend.cpu import CpuOps
 from cupaged.backend.ops import AttnMetadata
+from cupaged.util import bf16_bits_to_float, float_to_bf16_bits
 
 from tests.kernels import reference as ref
 
@@ -71,14 +72,53 @@ def test_linear(rng, t, k, n, with_bias, gemm):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (4, 17, 4), (6, 300, 9), (16, 576, 963), (23, 1536, 576)])
+def weights_as(w: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(w stored as dtype, the float64 values it holds): bf16 is checked against its own dequantized
+    values, so only the GEMM's float32 arithmetic is under test."""
+    if dtype == "float32":
+        return w, w.astype(np.float64)
+    bits = float_to_bf16_bits(np, w)
+    return bits, bf16_bits_to_float(np, bits).astype(np.float64)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 576, 963), (2, 40, 3), (4, 17, 4), (6, 300, 9), (16, 576, 963),
+                                   (23, 1536, 576)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_matmul_nt(rng, m, k, n, threads):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_nt(rng, m, k, n, threads, dtype):
     from cupaged.backend.cpu_gemm import matmul_nt
-    x, w = randn(rng, m, k), randn(rng, n, k)
+    x = randn(rng, m, k)
+    w, w64 = weights_as(randn(rng, n, k), dtype)
     out = np.full((m, n), np.nan, F32)
     matmul_nt(x, w, out, threads)
-    np.testing.assert_allclose(out, x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w64.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_both_tiles_whatever_the_host(rng, dtype):
+    # matmul_nt takes the 4 x 4 tile with AVX-512 and the 4 x 2 one without: check both here
+    from cupaged.backend.cpu_gemm import _tile4x2, _tile4x4
+    x = randn(rng, 4, 77)
+    w, w64 = weights_as(randn(rng, 4, 77), dtype)
+    for tile, cols in ((_tile4x4, 4), (_tile4x2, 2)):
+        out = np.full((4, 4), np.nan, F32)
+        tile(x, w, out, 0, 0)
+        np.testing.assert_allclose(out[:, :cols], x.astype(np.float64) @ w64[:cols].T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gemm", ["numba", "blas"])
+def test_bf16_weights_through_the_ops(rng, gemm):
+    ops = CpuOps(gemm=gemm, weights="bfloat16")
+    w = ops.asarray(randn(rng, 130, 96), ops.weight_dtype)
+    assert w.dtype == np.uint16 and ops.dtype_name == "float32, bfloat16 weights"
+    w64 = bf16_bits_to_float(np, w).astype(np.float64)
+    x, b = randn(rng, 5, 96), randn(rng, 130)
+    np.testing.assert_allclose(ops.linear(x, w, b), x.astype(np.float64) @ w64.T + b, rtol=1e-4, atol=1e-4)
+    ids = rng.integers(0, 130, size=9).astype(np.int32)
+    got = ops.embedding(ids, w)
+    assert got.dtype == F32 and np.array_equal(got, w64[ids].astype(F32))
+    with pytest.raises(ValueError, match="weights must be one of float32, bfloat16"):
+        CpuOps(weights="int4")
 
 
 def test_gemm_choice_is_checked_by_name(monkeypatch):
@@ -337,6 +377,7 @@ import json, numpy as np
 from cupaged.backend import cpu_kernels as K
 from cupaged.backend.cpu import CpuOps, kernels_cached
 from cupaged.backend.ops import AttnMetadata
+from cupaged.util import bf16_bits_to_float, float_to_bf16_bits
 cached_before = kernels_cached()
 i32 = lambda x: np.array(x, np.int32)
 meta = AttnMetadata(i32([0, 1]), i32([0, 1]), i32([[0]]), i32([2]), i32([0, 2]), i32([1]), 2, 2)
