@@ -4,7 +4,7 @@ prefill (512 tokens), batched generation (16 and 64 streams) and peak RSS, per w
 llama.cpp is built from the llama-cpp-python sdist's vendored source (tools llama-bench,
 llama-batched-bench, llama-quantize); its GGUFs are made from the default model's own GGUF (the one
 cupaged converts): `llama-quantize --allow-requantize` to F32 gives exactly the float32 values
-cupaged holds, and BF16 from that F32 file.
+cupaged holds, and BF16 and Q8_0 from that F32 file.
 
     pip download --no-deps --no-binary :all: llama-cpp-python   # or fetch the sdist from PyPI
     tar xzf llama_cpp_python-*.tar.gz && cd llama_cpp_python-*/vendor/llama.cpp
@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # cupaged dtype -> llama.cpp GGUF type
+DTYPES = {"float32": "F32", "bfloat16": "BF16", "q8_0": "Q8_0"}  # cupaged dtype -> llama.cpp GGUF type
 
 
 def run(cmd: list[str]) -> tuple[str, float]:
@@ -83,7 +83,7 @@ def llama_row(row: str, gguf: Path, bin_dir: Path, threads: int) -> tuple[float,
 def make_ggufs(source: Path, bin_dir: Path, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {}
-    for kind, src in (("F32", source), ("BF16", None)):
+    for kind, src in (("F32", source), ("BF16", None), ("Q8_0", None)):
         path = out_dir / f"{source.stem.split('.')[0]}.{kind}.gguf"
         if not path.exists():
             subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(src or made["F32"]), str(path),

@@ -20,6 +20,7 @@ STEPS = 24
 
 
 def weight_bytes(model) -> int:
+    """Bytes of every weight the model holds (a tied head counted once)."""
     arrays = [model.embed, model.norm] + ([] if model.lm_head is model.embed else [model.lm_head])
     arrays += [a for layer in model.layers for a in vars(layer).values() if a is not None]
     return sum(a.nbytes for a in arrays)
@@ -42,7 +43,7 @@ def main() -> None:
           f"{'perplexity':>11} {'vs float32':>10}")
     print(f"{'float32':10} {weight_bytes(ref.engine.runner.model) / 2**20:7.1f} {'-':>19} {'-':>12} {'-':>17} "
           f"{ppl_ref:11.3f} {'':>10}")
-    for dtype in ("bfloat16",):
+    for dtype in ("bfloat16", "q8_0"):
         llm = LLM(model=args.model, dtype=dtype, **kw) if args.model else LLM(dtype=dtype, **kw)
         err = max(float(np.abs(next_logits(llm.engine, ids) - next_logits(ref.engine, ids)).max()) for ids in prompts)
         same, close = 0, []

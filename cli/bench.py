@@ -127,7 +127,7 @@ def bench() -> None:
 @click.option("--input-len", default="64:256", show_default=True, help="Prompt length, N or LO:HI tokens.")
 @click.option("--output-len", default="64:128", show_default=True, help="Output length, N or LO:HI tokens.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "q8_0"]), default="auto",
               show_default=True, help="As in chat: bfloat16 on the CPU stores the weight matrices in bf16.")
 @click.option("--warmup/--no-warmup", default=True, show_default=True, help="Run one short request first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

@@ -20,15 +20,15 @@ def cuda_available() -> bool:
 
 def get_ops(backend: str = "auto", dtype: str = "auto") -> Ops:
     """dtype: "auto" (CPU float32, CUDA float16); "float16" / "bfloat16" on CUDA; on the CPU "float32"
-    or "bfloat16" (weight matrices stored bf16, computed in float32)."""
+    "bfloat16" or "q8_0" (weight matrices stored bf16 or 8-bit, computed in float32)."""
     if backend == "auto":
         backend = "cuda" if cuda_available() else "cpu"
     if backend == "cpu":
         from cupaged.backend.cpu import CpuOps
-        if dtype not in ("auto", "float32", "bfloat16"):
-            raise CupagedError(f"the CPU backend takes dtype 'float32' or 'bfloat16' (weights); {dtype!r} "
-                               "needs backend='cuda'")
-        return CpuOps(weights="bfloat16" if dtype == "bfloat16" else "float32")
+        if dtype not in ("auto", "float32", "bfloat16", "q8_0"):
+            raise CupagedError(f"the CPU backend takes dtype 'float32', 'bfloat16' or 'q8_0' (weights); "
+                               f"{dtype!r} needs backend='cuda'")
+        return CpuOps(weights="float32" if dtype == "auto" else dtype)
     if backend == "cuda":
         if not cuda_available():
             raise CupagedError("backend 'cuda' needs CuPy and a CUDA device: pip install 'cupaged[cuda]'")

@@ -26,6 +26,7 @@ import numpy as np
 from cupaged.backend import cpu_kernels as K
 from cupaged.backend.cpu_gemm import matmul_nt
 from cupaged.backend.cpu_math import silu_and_mul
+from cupaged.backend.cpu_quant import Q8Matrix, matmul_q8, quantize_q8_0
 from cupaged.backend.host_sampling import top_k_top_p_keep
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 from cupaged.errors import InvalidRequestError
@@ -33,8 +34,9 @@ from cupaged.util import bf16_bits_to_float, float_to_bf16_bits
 
 _I32 = np.int32
 GEMMS = ("numba", "blas")  # CpuOps(gemm=...) / $CUPAGED_CPU_GEMM
-WEIGHTS = ("float32", "bfloat16")  # CpuOps(weights=...)
+WEIGHTS = ("float32", "bfloat16", "q8_0")  # CpuOps(weights=...)
 BF16 = "bfloat16"  # the dtype token of bf16 arrays (held as uint16 bits)
+Q8_0 = "q8_0"      # the dtype token of 8-bit block-scaled matrices (cpu_quant.Q8Matrix)
 
 
 def _i32(x: Array) -> np.ndarray:
@@ -74,18 +76,19 @@ class CpuOps(Ops):
         """gemm: "numba" (`cpu_gemm.matmul_nt`, the default) or "blas" (NumPy's matmul, for machines
         where its BLAS wins; bf16 weights always take matmul_nt); None reads $CUPAGED_CPU_GEMM. With
         "blas" from the environment, `cpu_math` keeps Numba on its workqueue layer, whose parked
-        threads leave BLAS's alone. weights: "float32" or "bfloat16", the storage of weight matrices."""
+        threads leave BLAS's alone. weights: "float32", "bfloat16" or "q8_0", the storage of weight
+        matrices (computed in float32 either way)."""
         gemm = gemm or os.environ.get("CUPAGED_CPU_GEMM") or "numba"
         if gemm not in GEMMS:
             raise InvalidRequestError(f"CPU GEMM must be one of {', '.join(GEMMS)} (CUPAGED_CPU_GEMM), got {gemm!r}")
         if weights not in WEIGHTS:
             raise InvalidRequestError(f"CPU weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         self.gemm = gemm
-        self.weight_dtype = BF16 if weights == BF16 else np.float32
+        self.weight_dtype = np.float32 if weights == "float32" else weights
 
     @property
     def dtype_name(self) -> str:
-        return "float32, bfloat16 weights" if self.weight_dtype == BF16 else "float32"
+        return "float32" if self.weight_dtype is np.float32 else f"float32, {self.weight_dtype} weights"
 
     # --- arrays -----------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Array:
@@ -93,6 +96,8 @@ class CpuOps(Ops):
         "bfloat16": float values -> bf16 bits (uint16), rounded to nearest even."""
         if isinstance(dtype, str) and dtype == BF16:
             return _to_bf16_in_chunks(x)
+        if isinstance(dtype, str) and dtype == Q8_0:
+            return quantize_q8_0(x)
         return np.ascontiguousarray(x, dtype=dtype)
 
     def to_numpy(self, x: Array) -> Any:
@@ -126,24 +131,35 @@ class CpuOps(Ops):
     # --- dense layers -----------------------------------------------------------------
     def embedding(self, ids: Array, table: Array) -> Array:
         """ids [T], table [V, H] float32 or bf16 bits -> [T, H] float32 (a gather, new array)."""
+        if isinstance(table, Q8Matrix):
+            return table.dequantize(np.asarray(ids))
         rows = np.take(table, ids, axis=0)
         return bf16_bits_to_float(np, rows) if table.dtype == np.uint16 else rows
 
     def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
-        """x [T, K] @ weight [N, K].T (+ bias [N]) -> new [T, N] float32, by `cpu_gemm.matmul_nt`
-        (which says why not NumPy's BLAS), or NumPy's matmul with gemm="blas". The stored weight is
-        read in place, never copied."""
+        """x [T, K] @ weight [N, K].T (+ bias [N]) -> new [T, N] float32; weight float32, bf16 bits or
+        a Q8Matrix, read in place, never copied."""
         if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
             # matmul_nt does not bounds-check: a K mismatch would read past the end of a row.
             raise ValueError(f"linear: x {x.shape} does not fit weight {weight.shape} (want [T, K] and [N, K])")
-        if self.gemm == "blas" and weight.dtype != np.uint16:
-            out = np.matmul(x, weight.T)  # weight.T is a view: BLAS reads it with a transpose flag
-        else:  # float32 or bf16 bits, read as stored
-            w = np.ascontiguousarray(weight) if weight.dtype == np.uint16 else np.ascontiguousarray(weight, np.float32)
-            out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-            matmul_nt(np.ascontiguousarray(x, dtype=np.float32), w, out, numba.get_num_threads())
+        out = self._matmul(np.ascontiguousarray(x, dtype=np.float32), weight)
         if bias is not None:
             out += bias
+        return out
+
+    def _matmul(self, x: np.ndarray, weight: Array) -> np.ndarray:
+        """By `cpu_gemm.matmul_nt` (which says why not NumPy's BLAS), `cpu_quant.matmul_q8`, or NumPy's
+        matmul for float32 weights with gemm="blas"."""
+        threads = numba.get_num_threads()
+        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        if isinstance(weight, Q8Matrix):
+            matmul_q8(x, weight.q, weight.scale, out, threads)
+        elif weight.dtype == np.uint16:  # bf16 bits
+            matmul_nt(x, np.ascontiguousarray(weight), out, threads)
+        elif self.gemm == "blas":
+            np.matmul(x, weight.T, out=out)  # weight.T is a view: BLAS reads it with a transpose flag
+        else:
+            matmul_nt(x, np.ascontiguousarray(weight, np.float32), out, threads)
         return out
 
     def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
