@@ -3,8 +3,8 @@
     python benchmarks/cpu_gemm.py                 # rows 1, 16, 64, 2048; float32 and bfloat16 weights
     python benchmarks/cpu_gemm.py --rows 1 16 --cold
 
-x [M, K] @ w [N, K].T for the fused QKV, O, fused gate/up and down projections, w float32 or
-bfloat16 (uint16 bits, widened in registers). With --cold each shape cycles through 30 copies of w
+x [M, K] @ w [N, K].T for the fused QKV, O, fused gate/up and down projections, w float32,
+bfloat16 (uint16 bits, widened in registers) or q8_0 (int8 + a float32 scale per 32, cpu_quant). With --cold each shape cycles through 30 copies of w
 (one per layer, ~100 MB, more than the L3), as a decode step does; otherwise w stays in cache.
 Prints GF/s and GB/s of weights streamed (w's bytes per call / time: the figure a decode step is
 bound by). Each side is timed in its own pass, NumPy's (float32 only) last, so that OpenBLAS's
@@ -19,15 +19,17 @@ import numba
 import numpy as np
 
 from cupaged.backend.cpu import CpuOps
+from cupaged.backend.cpu_quant import quantize_q8_0
 from cupaged.cli.bench import machine_name
 from cupaged.util import float_to_bf16_bits
 
+CONVERT = {"float32": lambda w: w, "bfloat16": lambda w: float_to_bf16_bits(np, w), "q8_0": quantize_q8_0}
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # (N, K)
 
 
 def gflops(fn, x, ws, budget_flop: float = 3e9) -> tuple[float, float]:
     """Mean (GF/s, GB/s of w) of fn(x, w) over ws, repeated to about budget_flop."""
-    flop = 2 * x.shape[0] * ws[0].size
+    flop = 2 * x.shape[0] * ws[0].shape[0] * ws[0].shape[1]
     reps = max(2, int(budget_flop / (flop * len(ws))))
     for w in ws:
         fn(x, w)
@@ -43,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 2048])
     ap.add_argument("--cold", action="store_true", help="30 copies of each weight (out of cache)")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="+", default=list(CONVERT), choices=list(CONVERT))
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ops = CpuOps()
@@ -54,7 +56,7 @@ def main() -> None:
             ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(30 if args.cold else 1)]
             x = rng.standard_normal((m, k), dtype=np.float32)
             for dtype in args.dtypes:
-                cases.append((m, name, dtype, ws if dtype == "float32" else [float_to_bf16_bits(np, w) for w in ws], x))
+                cases.append((m, name, dtype, [CONVERT[dtype](w) for w in ws], x))
     ours = [gflops(ops.linear, x, ws) for *_, ws, x in cases]
     blas = [gflops(lambda a, w: np.matmul(a, w.T), x, ws) if dtype == "float32" else (float("nan"),) * 2
             for _, _, dtype, ws, x in cases]  # after: its threads spin on

@@ -71,15 +71,17 @@ def quantize_q8_0(w, chunk_rows: int = 4096) -> Q8Matrix:
 def _q8_rows_in_order(x, q, scale, out, n0, n1):
     """out[:, n0:n1] for few rows of x, one row of q after the other."""
     nb = scale.shape[1]
+    bs = q.shape[1] // nb  # QBLOCK, read at run time: a constant 32 is unrolled, then not vectorized
     for n in range(n0, n1):
         qr, sr = q[n], scale[n]
         for m in range(x.shape[0]):
             xr = x[m]
             acc = np.float32(0.0)
             for b in range(nb):
+                xb, qb = xr[b * bs:b * bs + bs], qr[b * bs:b * bs + bs]
                 s = np.float32(0.0)
-                for j in range(b * 32, b * 32 + 32):
-                    s += xr[j] * np.float32(qr[j])
+                for j in range(bs):
+                    s += xb[j] * np.float32(qb[j])
                 acc += s * sr[b]
             out[m, n] = acc
 
@@ -87,12 +89,14 @@ def _q8_rows_in_order(x, q, scale, out, n0, n1):
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def _widen_rows(q, scale, r0, r1, buf):
     """buf[:r1 - r0] = float32 values of rows r0:r1."""
+    bs = q.shape[1] // scale.shape[1]  # at run time, as above
     for r in range(r0, r1):
         qr, sr, br = q[r], scale[r], buf[r - r0]
         for b in range(scale.shape[1]):
             s = sr[b]
-            for j in range(b * 32, b * 32 + 32):
-                br[j] = np.float32(qr[j]) * s
+            qb, bb = qr[b * bs:b * bs + bs], br[b * bs:b * bs + bs]
+            for j in range(bs):
+                bb[j] = np.float32(qb[j]) * s
 
 
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
