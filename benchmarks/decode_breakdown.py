@@ -1,6 +1,6 @@
 """Where a prefill step's and a decode step's time go, op by op, on the CPU backend.
 
-    python benchmarks/decode_breakdown.py --batch 16 --steps 40
+    python benchmarks/decode_breakdown.py --batch 16 --steps 40 [--dtype bfloat16]
 
 Warms every kernel up with one short request, submits `batch` synthetic requests (prompts 64-256
 tokens, seed 0), times the first step (their prefill, up to max_num_batched_tokens tokens), then
@@ -40,10 +40,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "q8_0"], help="weights")
     args = ap.parse_args()
     totals: collections.Counter = collections.Counter()
     instrument(totals)
-    engine = LLMEngine(EngineConfig(model=args.model, backend="cpu", max_num_seqs=args.batch, progress=False,
+    engine = LLMEngine(EngineConfig(model=args.model, backend="cpu", dtype=args.dtype, max_num_seqs=args.batch,
+                                    progress=False,
                                     kv_cache_memory=512 * 2**20))
     engine.add_request("warm-up", {"prompt_token_ids": [1] * 40}, SamplingParams(temperature=0, max_tokens=3))
     while engine.has_unfinished_requests():
