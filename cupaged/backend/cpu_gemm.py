@@ -188,12 +188,23 @@ def matmul_nt(x, w, out, threads):
         for t in numba.prange(threads):
             _rows_in_order(x, w, out, t * n_rows // threads, (t + 1) * n_rows // threads)
         return
-    n_panels = (n_rows + PANEL_ROWS - 1) // PANEL_ROWS
-    n_blocks = threads * max(1, round(n_panels * PANEL_ROWS / (threads * BLOCK_ROWS)))
+    n_panels, n_blocks = work_items(n_rows, threads)
     for blk in numba.prange(n_blocks):
-        p0 = blk * n_panels // n_blocks
-        p1 = (blk + 1) * n_panels // n_blocks
-        for m0 in range(0, m_n, 4):
-            m1 = min(m0 + 4, m_n)
-            for p in range(p0, p1):
-                _panel_rows(x, w, out, m0, m1, p)
+        sweep(x, w, out, blk * n_panels // n_blocks, (blk + 1) * n_panels // n_blocks)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def work_items(n_rows, threads):
+    """(panels of n_rows rows of w, work items: runs of about BLOCK_ROWS rows, a multiple of threads)."""
+    n_panels = (n_rows + PANEL_ROWS - 1) // PANEL_ROWS
+    return n_panels, threads * max(1, round(n_panels * PANEL_ROWS / (threads * BLOCK_ROWS)))
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
+def sweep(x, w, out, p0, p1):
+    """out[:, panels p0:p1] = x @ those rows of w.T: every 4 rows of x sweep the whole run."""
+    m_n = x.shape[0]
+    for m0 in range(0, m_n, 4):
+        m1 = min(m0 + 4, m_n)
+        for p in range(p0, p1):
+            _panel_rows(x, w, out, m0, m1, p)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from cupaged.backend.cpu_gemm import BLOCK_ROWS, PANEL_ROWS, _panel_rows
+from cupaged.backend.cpu_gemm import PANEL_ROWS, sweep, work_items
 from cupaged.backend.cpu_math import FASTMATH
 
 QBLOCK = 32  # weights per scale, along K
@@ -108,16 +108,11 @@ def matmul_q8(x, q, scale, out, threads):
         for t in numba.prange(threads):
             _q8_rows_in_order(x, q, scale, out, t * n_rows // threads, (t + 1) * n_rows // threads)
         return
-    n_panels = (n_rows + PANEL_ROWS - 1) // PANEL_ROWS
-    n_blocks = threads * max(1, round(n_panels * PANEL_ROWS / (threads * BLOCK_ROWS)))
+    n_panels, n_blocks = work_items(n_rows, threads)
     for blk in numba.prange(n_blocks):
         p0 = blk * n_panels // n_blocks
         p1 = (blk + 1) * n_panels // n_blocks
         r0, r1 = p0 * PANEL_ROWS, min(p1 * PANEL_ROWS, n_rows)
         buf = np.empty((r1 - r0, k), np.float32)
         _widen_rows(q, scale, r0, r1, buf)
-        sub = out[:, r0:r1]
-        for m0 in range(0, m_n, 4):
-            m1 = min(m0 + 4, m_n)
-            for p in range(0, p1 - p0):
-                _panel_rows(x, buf, sub, m0, m1, p)
+        sweep(x, buf, out[:, r0:r1], 0, p1 - p0)
