@@ -153,10 +153,16 @@ def _gpu_name() -> str:
 def clear_cache(name, yes):
     """Delete converted models from the cache (all of them, or NAME)."""
     from cupaged.weights.store import clear_cache as clear
-    if not yes:
-        click.confirm(f"Delete {'model ' + name if name else 'every cached model'}?", abort=True)
+    if not yes and not click.confirm(f"Delete {'model ' + name if name else 'every cached model'}?"):
+        click.echo("nothing deleted")
+        return
     removed = clear(name)
-    click.echo(f"removed {len(removed)} item(s)")
+    if name is not None and not removed:
+        raise click.ClickException(f"no cached model {name!r} (`cupaged models` lists what is cached)")
+    if not removed:
+        click.echo("the cache holds no models; nothing to delete")
+        return
+    click.echo(f"removed {len(removed)} cached model(s): {', '.join(p.name for p in removed)}")
 
 
 from cupaged.cli.bench import bench  # noqa: E402  (registers `cupaged bench`)

@@ -101,6 +101,8 @@ def resolve_model(name_or_path: str, progress: bool = True) -> Path:
         raise ModelNotFoundError(
             f"{name_or_path!r} is not in the cache; run `cupaged pull {name_or_path}` first (needs internet)"
         )
+    if name_or_path.startswith(("/", ".", "~")) or (os.sep in name_or_path and not HUB_REPO.match(name_or_path)):
+        raise ModelNotFoundError(f"no such model directory or file: {path}")
     raise ModelNotFoundError(
         f"unknown model {name_or_path!r}: not a known name ({', '.join(catalog_names())}), "
         "a model directory, a .gguf file or a pulled Hugging Face repository (org/repo)"
@@ -251,11 +253,13 @@ def list_models() -> list[dict]:
 def clear_cache(name: str | None = None) -> list[Path]:
     """Delete one cached model (by catalog name, ``org/repo`` or folder name), or everything.
 
-    Returns the folders removed (empty when nothing matched).
+    Returns the model folders removed (empty when nothing matched; unfinished downloads and
+    conversions under tmp/ go too when clearing everything, but are not counted).
     """
     home = cupaged_home()
     if name is None:
-        targets = [home / "models", home / "tmp"]
+        shutil.rmtree(home / "tmp", ignore_errors=True)
+        targets = sorted((home / "models").iterdir()) if (home / "models").is_dir() else []
     else:
         entry = lookup(name)
         folder = entry.name if entry is not None else name.replace("/", "--")

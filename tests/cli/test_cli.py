@@ -78,10 +78,26 @@ def test_models_and_env(runner, smollm2_dir):
     assert env.exit_code == 0 and "numpy" in env.output and "backend" in env.output
 
 
-def test_clear_cache_of_unknown_name_removes_nothing(runner, tmp_path, monkeypatch):
+def test_clear_cache_says_what_it_did(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("CUPAGED_HOME", str(tmp_path))
     result = runner.invoke(main, ["clear-cache", "nothing-here", "--yes"])
-    assert result.exit_code == 0 and "removed 0" in result.output
+    assert result.exit_code == 1 and "no cached model 'nothing-here'" in result.output
+    (tmp_path / "models").mkdir()
+    (tmp_path / "tmp").mkdir()
+    result = runner.invoke(main, ["clear-cache", "--yes"])
+    assert result.exit_code == 0 and "holds no models" in result.output
+    (tmp_path / "models" / "a-model").mkdir()
+    result = runner.invoke(main, ["clear-cache"], input="n\n")
+    assert result.exit_code == 0 and "nothing deleted" in result.output and (tmp_path / "models" / "a-model").is_dir()
+    result = runner.invoke(main, ["clear-cache"], input="y\n")
+    assert result.exit_code == 0 and "removed 1 cached model(s): a-model" in result.output
+    assert not (tmp_path / "models" / "a-model").exists()
+
+
+def test_a_missing_model_path_is_named(runner, tmp_path):
+    for missing in (str(tmp_path / "no" / "such"), "./not-here", "~/nowhere-cupaged"):
+        result = runner.invoke(main, ["generate", "hi", "-m", missing])
+        assert result.exit_code == 1 and "no such model directory or file" in result.output, result.output
 
 
 def test_kv_cache_memory_too_small_is_named(runner, smollm2_dir):
