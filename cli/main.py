@@ -64,13 +64,19 @@ def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, tempera
 @click.argument("prompt")
 @model_options
 @sampling_options
-@click.option("--chat/--no-chat", "use_chat", default=False, help="Wrap the prompt in the model's chat template.")
+@click.option("--chat/--no-chat", "use_chat", default=False, show_default=True,
+              help="Wrap the prompt in the model's chat template (off: the prompt is plain text).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); it is not included in the output.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of completions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def generate(prompt, model, backend, max_model_len, kv_cache_memory, dtype, verbose, temperature, top_p, top_k,
              max_tokens, seed, use_chat, stop, n, as_json, **engine):
-    """Generate a completion for PROMPT once and print it."""
+    """Generate a completion for PROMPT once and print it (PROMPT "-" reads it from stdin). With
+    --n above 1 each completion is printed under a "--- completion i ---" header."""
+    if prompt == "-":
+        prompt = click.get_text_stream("stdin").read()
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
     _setup_logging(verbose)
     llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype, **engine)
     params = make_params(temperature, top_p, top_k, max_tokens, seed, stop=list(stop), n=n)
@@ -88,8 +94,11 @@ def generate(prompt, model, backend, max_model_len, kv_cache_memory, dtype, verb
         click.echo(json.dumps({"prompt": prompt, "prompt_token_ids": out.prompt_token_ids, "outputs": [
             {"index": o.index, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
             for o in out.outputs]}, ensure_ascii=False))
+    elif len(out.outputs) == 1:
+        click.echo(out.outputs[0].text)
     else:
         for o in out.outputs:
+            click.echo(f"--- completion {o.index + 1} of {len(out.outputs)} ({o.finish_reason}) ---")
             click.echo(o.text)
 
 

@@ -53,6 +53,22 @@ def test_generate_json_matches_the_api(runner, smollm2_dir, smol_llm):
     assert data["outputs"][0]["text"] == ref.text
 
 
+def test_generate_reads_stdin_and_separates_completions(runner, smollm2_dir, smol_llm):
+    piped = runner.invoke(main, ["generate", "-", "--model", str(smollm2_dir), *GREEDY, "--json"],
+                          input="The capital of France is")
+    assert piped.exit_code == 0, piped.output
+    ref = smol_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    assert json.loads(piped.stdout)["outputs"][0]["text"] == ref.text
+    four = runner.invoke(main, ["generate", "Name a colour:", "--model", str(smollm2_dir), "--n", "4",
+                                "--temperature", "1.0", "--seed", "3", "--max-tokens", "4"])
+    assert four.exit_code == 0, four.output
+    heads = [line for line in four.stdout.splitlines() if line.startswith("--- completion ")]
+    assert [h.split(" of ")[0] for h in heads] == [f"--- completion {i}" for i in (1, 2, 3, 4)]
+    empty = runner.invoke(main, ["generate", "-"], input="  \n")
+    assert empty.exit_code == 2 and "the prompt is empty" in empty.output
+    assert "no-chat]" in runner.invoke(main, ["generate", "--help"]).output  # [default: no-chat], maybe wrapped
+
+
 def test_piped_chat_is_multi_turn_and_resets(runner, smollm2_dir, smol_llm):
     turns = ["Say hello.", "What did I just ask you?", "/reset", "Name a colour.", "/exit", "never read"]
     result = runner.invoke(main, ["chat", "--model", str(smollm2_dir), *GREEDY], input="\n".join(turns) + "\n")
