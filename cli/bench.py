@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import time
 
@@ -10,13 +11,23 @@ import click
 import numpy as np
 
 
-def parse_range(text: str) -> tuple[int, int]:
-    """'128' -> (128, 128); '64:256' -> (64, 256)."""
+def parse_range(text: str, name: str | None = None) -> tuple[int, int]:
+    """'128' -> (128, 128); '64:256' -> (64, 256). name is the option, for the error."""
     lo, _, hi = text.partition(":")
-    lo_i, hi_i = int(lo), int(hi or lo)
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        lo_i = hi_i = 0
     if not 1 <= lo_i <= hi_i:
-        raise click.BadParameter(f"{text!r} is not a range LO:HI with 1 <= LO <= HI")
+        raise click.BadParameter(f"{text!r} is not a length N or a range LO:HI with 1 <= LO <= HI", param_hint=name)
     return lo_i, hi_i
+
+
+def check_prompt_len(engine, longest: int, name: str) -> None:
+    """A usage error (exit 2) when a prompt of `longest` tokens leaves no room in the model's context."""
+    if longest >= engine.max_model_len:
+        raise click.BadParameter(f"{longest} tokens leave no room to generate: the context length of "
+                                 f"{engine.config.model} is {engine.max_model_len}", param_hint=name)
 
 
 def synthetic_workload(num_requests: int, input_len: tuple[int, int], output_len: tuple[int, int],
@@ -136,13 +147,10 @@ def throughput(model, backend, num_requests, concurrency, input_len, output_len,
     the process's peak RSS."""
     from cupaged.config import EngineConfig
     from cupaged.engine.engine import LLMEngine
-    from cupaged.errors import CupagedError
-    try:
-        engine = LLMEngine(EngineConfig(model=model, backend=backend, dtype=dtype, max_num_seqs=concurrency))
-    except CupagedError as e:
-        raise click.ClickException(str(e)) from e
-    work = synthetic_workload(num_requests, parse_range(input_len), parse_range(output_len),
-                              engine.model_config.vocab_size, seed)
+    in_range, out_range = parse_range(input_len, "--input-len"), parse_range(output_len, "--output-len")
+    engine = LLMEngine(EngineConfig(model=model, backend=backend, dtype=dtype, max_num_seqs=concurrency))
+    check_prompt_len(engine, in_range[1], "--input-len")
+    work = synthetic_workload(num_requests, in_range, out_range, engine.model_config.vocab_size, seed)
     if warmup:  # its own prompt: the workload's first would then be a prefix-cache hit
         run_throughput(engine, synthetic_workload(1, (8, 8), (2, 2), engine.model_config.vocab_size, seed + 1))
     result = run_throughput(engine, work)
@@ -175,7 +183,11 @@ def startup(model, backend, repeats):
     script = STARTUP_SCRIPT.format(model=model, backend=backend)
     runs = []
     for _ in range(repeats + 1):  # the first run fills Numba's cache if it is cold
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        if out.returncode != 0:  # the child's own last line says why (no CuPy, no GPU, ...)
+            last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+            last = re.sub(r"^[\w.]+(Error|Exception): ", "", last)
+            raise click.ClickException(f"the start-up run failed: {last}")
         runs.append([float(v) for v in out.stdout.split()])
     load = statistics.median(r[0] for r in runs[1:])
     first = statistics.median(r[1] for r in runs[1:])

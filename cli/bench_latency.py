@@ -96,10 +96,11 @@ def latency(model, backend, seed, as_json, concurrency, input_len, output_len):
     warm-up; TTFT counts from submission, so at high concurrency it includes waiting for the batch's
     other prefills. Output tokens/s is the level's output tokens over its wall time.
     """
-    from cupaged.cli.bench import machine_name, parse_range
+    from cupaged.cli.bench import check_prompt_len, machine_name, parse_range
     levels = parse_levels(concurrency)
-    in_range, out_range = parse_range(input_len), parse_range(output_len)
+    in_range, out_range = parse_range(input_len, "--input-len"), parse_range(output_len, "--output-len")
     engine = make_engine(model, backend, max_num_seqs=max(levels))
+    check_prompt_len(engine, in_range[1], "--input-len")
     warm_up(engine, engine.model_config.vocab_size, seed)
     report = {"machine": machine_name(), "backend": engine.ops.name, "model": model, "seed": seed,
               "input_len": input_len, "output_len": output_len,
@@ -179,11 +180,13 @@ def chunked(model, backend, seed, as_json, streams, stream_input_len, long_input
     With chunking on, the prompt joins in chunks from the budget the streams' decodes leave, so each
     step stays short; off, it joins whole in one step that every stream waits for (the max stall).
     """
-    from cupaged.cli.bench import machine_name
+    from cupaged.cli.bench import check_prompt_len, machine_name
     rows = []
     for enabled in (True, False):
         engine = make_engine(model, backend, max_num_seqs=streams + 1, max_num_batched_tokens=max_num_batched_tokens,
                              enable_chunked_prefill=enabled)
+        check_prompt_len(engine, long_input_len, "--long-input-len")
+        check_prompt_len(engine, stream_input_len, "--stream-input-len")
         warm_up(engine, engine.model_config.vocab_size, seed)
         rows.append({"enable_chunked_prefill": enabled,
                      **measure_stall(engine, streams, stream_input_len, long_input_len, lead_steps, seed)})

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from cupaged.cli.options import _fail, _setup_logging, model_options, sampling_options
+from cupaged.cli.options import CleanErrors, _fail, _setup_logging, model_options, sampling_options
 from cupaged.weights.catalog import DEFAULT_MODEL
 
 
@@ -35,7 +35,7 @@ def make_params(temperature, top_p, top_k, max_tokens, seed, **extra):
         _fail(e)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cupaged")
 def main() -> None:
     """cupaged: chat with and serve LLMs on a paged KV cache, on a GPU (CuPy) or the CPU (NumPy/Numba)."""

@@ -21,6 +21,18 @@ def _fail(e: Exception) -> None:
     raise click.ClickException(str(e)) from e
 
 
+class CleanErrors(click.Group):
+    """A command group whose commands end a CupagedError (unknown model, no GPU, a prompt over the
+    context...) with one `Error:` line and exit code 1, as click does for its own errors, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from cupaged.errors import CupagedError
+        try:
+            return super().invoke(ctx)
+        except CupagedError as e:
+            raise click.ClickException(str(e)) from e
+
+
 def parse_memory(text: str) -> dict:
     """'auto', '0.1' (a share of RAM), '2GiB', '512MiB' or a byte count -> the EngineConfig field it sets
     ({}, {"kv_cache_fraction": 0.1} or {"kv_cache_memory": bytes})."""
@@ -70,12 +82,26 @@ def model_options(f):
     return f
 
 
+def _sampling_value(ctx: click.Context, param: click.Parameter, value):
+    """Check one sampling option with SamplingParams' own rules as it is parsed, before a model loads."""
+    from cupaged.errors import InvalidRequestError
+    from cupaged.sampling_params import SamplingParams
+    try:
+        SamplingParams(**{param.name: value})
+    except InvalidRequestError as e:
+        raise click.BadParameter(str(e)) from e
+    return value
+
+
 def sampling_options(f):
-    f = click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same output).")(f)
+    f = click.option("--seed", type=int, default=None, callback=_sampling_value,
+                     help="Sampling seed (same seed, same output).")(f)
     f = click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
                      help="Most tokens to generate per answer.")(f)
-    f = click.option("--top-k", type=int, default=-1, show_default=True, help="Keep the k likeliest tokens (-1: all).")(f)
-    f = click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling mass, in (0, 1].")(f)
-    f = click.option("--temperature", "-t", type=float, default=0.7, show_default=True,
+    f = click.option("--top-k", type=int, default=-1, show_default=True, callback=_sampling_value,
+                     help="Keep the k likeliest tokens (-1: all).")(f)
+    f = click.option("--top-p", type=float, default=0.9, show_default=True, callback=_sampling_value,
+                     help="Nucleus sampling mass, in (0, 1].")(f)
+    f = click.option("--temperature", "-t", type=float, default=0.7, show_default=True, callback=_sampling_value,
                      help="Sampling temperature; 0 is greedy.")(f)
     return f
