@@ -8,27 +8,46 @@ import click
 
 from cupaged.errors import InvalidRequestError
 
-HELP = "/reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops an answer."
+HELP = "/help lists the commands, /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops an answer."
+COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "start a new conversation (the system prompt stays)",
+    "/exit": "leave (also /quit or Ctrl-D)",
+}
+COMMAND_HELP = "\n".join([f"  {name:8s} {what}" for name, what in COMMANDS.items()] + [
+    "  //text   send a message that starts with '/' (the first '/' is dropped)",
+    "  Ctrl-C stops an answer and keeps the chat open; the arrow keys edit the line and recall earlier ones"])
 
 
 def run_chat(llm, params, system: str | None, verbose: bool) -> None:
     """Multi-turn chat: stream each answer, keep the history, report tokens/s."""
     interactive = sys.stdin.isatty()
+    if interactive:
+        _enable_line_editing()
     engine = llm.engine
     click.echo(f"cupaged chat: {llm.engine.config.model} on {engine.ops.name} ({engine.ops.dtype_name}). {HELP}", err=True)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     while True:
         line = _read_line(interactive)
-        if line is None or line.strip() == "/exit":
+        if line is None:
             break
         line = line.strip()
         if not line:
             continue
-        if line == "/reset":
-            history = history[:1] if system else []
-            click.echo("(conversation reset)", err=True)
+        if line.startswith("/") and not line.startswith("//"):
+            command = line.split()[0].lower()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                history = history[:1] if system else []
+                click.echo("(conversation reset)", err=True)
+            elif command == "/help":
+                click.echo(COMMAND_HELP, err=True)
+            else:
+                click.echo(f"unknown command {command} (/help lists them; //text sends text that starts with '/')",
+                           err=True)
             continue
-        history.append({"role": "user", "content": line})
+        history.append({"role": "user", "content": line[1:] if line.startswith("//") else line})
         answer = _answer(llm, history, params, verbose)
         if answer is None:
             history.pop()
@@ -39,14 +58,24 @@ def run_chat(llm, params, system: str | None, verbose: bool) -> None:
 def _read_line(interactive: bool) -> str | None:
     while True:
         try:
-            if interactive:
-                return input(click.style(">>> ", fg="green", bold=True))
+            if interactive:  # \001 and \002 tell readline the colour codes take no columns
+                return input("\001" + click.style(">>> ", fg="green", bold=True).replace(">>> ", "\002>>> \001")
+                             + "\002")
             line = sys.stdin.readline()
             return line if line else None
         except EOFError:
             return None
         except KeyboardInterrupt:
             click.echo("\n(" + HELP + ")", err=True)
+
+
+def _enable_line_editing() -> None:
+    """Importing readline gives input() line editing (arrow keys, Ctrl-A/E) and a history of this
+    session's lines (up/down); where Python was built without it, lines are read plain."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass
 
 
 def _answer(llm, history: list[dict], params, verbose: bool) -> str | None:

@@ -19,10 +19,36 @@ def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memor
     except CupagedError as e:
         _fail(e)
     if llm.engine.ops.name == "cpu":
-        from cupaged.backend.cpu import kernels_cached
-        if not kernels_cached():
-            click.echo("(first run: compiling the CPU kernels for this machine, ~10 s; later runs load them)", err=True)
+        compile_kernels(llm)
     return llm
+
+
+def compile_kernels(llm, note_after_s: float = 1.0) -> None:
+    """Run one tiny request now, so that Numba compiles (first run) or loads the CPU kernels before the
+    prompt appears rather than inside the first answer. Says so up front when the cache is cold, or once
+    it has taken note_after_s (a dtype whose kernels were never compiled), and then how long it took."""
+    import threading
+    import time
+
+    from cupaged.backend.cpu import kernels_cached
+    from cupaged.sampling_params import SamplingParams
+    start = time.perf_counter()
+    shown = threading.Event()
+
+    def note() -> None:
+        shown.set()
+        click.echo("compiling the CPU kernels for this machine (first run only; later runs load them)...", err=True)
+
+    timer = threading.Timer(0 if not kernels_cached() else note_after_s, note)
+    timer.start()
+    try:
+        ids = list(range(100, 108))  # a prefill of 8 tokens and one decode step: every kernel the chat uses
+        llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    finally:
+        timer.cancel()
+        timer.join()
+    if shown.is_set():
+        click.echo(f"kernels ready in {time.perf_counter() - start:.1f} s", err=True)
 
 
 def make_params(temperature, top_p, top_k, max_tokens, seed, **extra):
@@ -49,9 +75,10 @@ def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, tempera
          system, **engine):
     """Chat with a model, streaming its answers.
 
-    Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) leaves.
-    Ctrl-C stops the current answer and keeps the chat open. Input can also be piped: each line
-    is one user turn.
+    Type a message and press Enter; the arrow keys edit the line and recall earlier ones. /help lists
+    the commands, /reset starts a new conversation, /exit (or Ctrl-D) leaves, //text sends text that
+    starts with '/'. Ctrl-C stops the current answer and keeps the chat open. Input can also be piped:
+    each line is one user turn.
     """
     from cupaged.cli.chat import run_chat  # imported here to keep `--help` fast
     _setup_logging(verbose)
