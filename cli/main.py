@@ -64,7 +64,8 @@ def make_params(temperature, top_p, top_k, max_tokens, seed, **extra):
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cupaged")
 def main() -> None:
-    """cupaged: chat with and serve LLMs on a paged KV cache, on a GPU (CuPy) or the CPU (NumPy/Numba)."""
+    """cupaged: chat with, serve (OpenAI-compatible HTTP) and benchmark LLMs on a paged KV cache, on a GPU
+    (CuPy) or the CPU (NumPy/Numba)."""
 
 
 @main.command()
@@ -158,7 +159,7 @@ def models():
 
 @main.command()
 def env():
-    """Show the backend, versions and whether a GPU is usable."""
+    """Show versions, whether CuPy and a GPU are usable, and what the CPU backend will use."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -166,15 +167,52 @@ def env():
     from cupaged.weights.store import cupaged_home
     click.echo(f"cupaged      {version('cupaged')}")
     click.echo(f"python       {platform.python_version()} ({platform.machine()})")
-    for pkg in ("numpy", "numba", "safetensors", "tokenizers", "gguf", "cupy-cuda13x", "cupy-cuda12x"):
+    for pkg in ("numpy", "numba", "safetensors", "tokenizers", "gguf"):
         try:
             click.echo(f"{pkg:12s} {version(pkg)}")
         except PackageNotFoundError:
-            pass
+            click.echo(f"{pkg:12s} not installed")
+    cupy = [f"{pkg} {version(pkg)}" for pkg in ("cupy-cuda13x", "cupy-cuda12x", "cupy") if _installed(pkg)]
+    no_cupy = "not installed (pip install \"cupaged[cuda]\" for the GPU backend)"
+    click.echo(f"cupy         {', '.join(cupy) if cupy else no_cupy}")
     gpu = cuda_available()
     click.echo(f"gpu          {_gpu_name() if gpu else 'none found'}")
     click.echo(f"backend      {'cuda' if gpu else 'cpu'} (auto)")
+    for name, value in _cpu_lines():
+        click.echo(f"{name:12s} {value}")
     click.echo(f"cache        {cupaged_home()}")
+
+
+def _installed(pkg: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return bool(version(pkg))
+    except PackageNotFoundError:
+        return False
+
+
+def _cpu_lines() -> list[tuple[str, str]]:
+    """What the CPU backend runs on: the CPU and its vector features, Numba's threads, the GEMM mode."""
+    import os
+
+    import numba
+    from llvmlite import binding as llvm
+
+    from cupaged.backend import cpu_math  # noqa: F401  (chooses Numba's threading layer, as a run would)
+    from cupaged.backend.cpu_gemm import PANEL_ROWS
+    from cupaged.cli.bench import machine_name
+    features = llvm.get_host_cpu_features()
+    wanted = ("avx2", "fma", "avx512f", "avx512bf16", "avx512vnni", "avxvnni")
+    have = [f for f in wanted if features.get(f)]
+    layer = numba.config.THREADING_LAYER
+    if layer == "default":
+        layer = "first found of " + ", ".join(numba.config.THREADING_LAYER_PRIORITY)
+    gemm = os.environ.get("CUPAGED_CPU_GEMM") or "numba"
+    tiles = f"panels of {PANEL_ROWS} weight rows, {'AVX-512' if PANEL_ROWS == 4 else 'AVX2'} tiles"
+    return [("cpu", machine_name()), ("cpu features", ", ".join(have) or "none of " + ", ".join(wanted)),
+            ("threads", f"{numba.config.NUMBA_NUM_THREADS} Numba threads (NUMBA_NUM_THREADS), layer: {layer}"),
+            ("cpu gemm", f"{gemm} (CUPAGED_CPU_GEMM; " + (tiles if gemm == "numba" else "NumPy's BLAS") +
+             "); weights float32, bfloat16 or q8_0 by --dtype")]
 
 
 def _gpu_name() -> str:

@@ -19,8 +19,9 @@ def runner():
 
 def test_help_lists_every_command(runner):
     out = runner.invoke(main, ["--help"]).output
-    for command in ("chat", "generate", "pull", "models", "env", "clear-cache", "bench"):
+    for command in ("chat", "generate", "serve", "pull", "models", "env", "clear-cache", "bench"):
         assert command in out
+    assert "serve (OpenAI-compatible HTTP)" in " ".join(out.split())
     chat_help = runner.invoke(main, ["chat", "--help"]).output
     for option in ("--model", "--backend", "--system", "--temperature", "--top-p", "--max-tokens", "/reset", "/exit"):
         assert option in chat_help
@@ -92,6 +93,20 @@ def test_models_and_env(runner, smollm2_dir):
     assert models.exit_code == 0 and "smollm2-135m-instruct" in models.output
     env = runner.invoke(main, ["env"])
     assert env.exit_code == 0 and "numpy" in env.output and "backend" in env.output
+
+
+@pytest.mark.parametrize("gemm", ["numba", "blas"])
+def test_env_says_cupy_threads_and_gemm_mode(runner, monkeypatch, gemm):
+    import importlib.util
+
+    import numba
+    monkeypatch.setenv("CUPAGED_CPU_GEMM", gemm)
+    # each line is a name padded to 12 columns, then its value
+    lines = {line[:12].strip(): line[13:] for line in runner.invoke(main, ["env"]).output.splitlines()}
+    has_cupy = importlib.util.find_spec("cupy") is not None
+    assert lines["cupy"].startswith("not installed") != has_cupy
+    assert lines["threads"].startswith(f"{numba.config.NUMBA_NUM_THREADS} Numba threads")
+    assert lines["cpu gemm"].startswith(gemm)
 
 
 def test_clear_cache_says_what_it_did(runner, tmp_path, monkeypatch):
