@@ -51,12 +51,11 @@ def compile_kernels(llm, note_after_s: float = 1.0) -> None:
         click.echo(f"kernels ready in {time.perf_counter() - start:.1f} s", err=True)
 
 
-def make_params(temperature, top_p, top_k, max_tokens, seed, **extra):
+def make_params(**fields):
     from cupaged.errors import InvalidRequestError
     from cupaged.sampling_params import SamplingParams
     try:
-        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                              seed=seed, **extra)
+        return SamplingParams(**fields)
     except InvalidRequestError as e:
         _fail(e)
 
@@ -72,8 +71,7 @@ def main() -> None:
 @model_options
 @sampling_options
 @click.option("--system", "-s", default=None, help="System prompt for the conversation.")
-def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, temperature, top_p, top_k, max_tokens, seed,
-         system, **engine):
+def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, sampling, system, **engine):
     """Chat with a model, streaming its answers.
 
     Type a message and press Enter; the arrow keys edit the line and recall earlier ones. /help lists
@@ -84,7 +82,7 @@ def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, tempera
     from cupaged.cli.chat import run_chat  # imported here to keep `--help` fast
     _setup_logging(verbose)
     llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype, **engine)
-    params = make_params(temperature, top_p, top_k, max_tokens, seed)
+    params = make_params(**sampling)
     run_chat(llm, params, system, verbose)
 
 
@@ -97,8 +95,8 @@ def chat(model, backend, max_model_len, kv_cache_memory, dtype, verbose, tempera
 @click.option("--stop", multiple=True, help="Stop string (repeatable); it is not included in the output.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of completions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def generate(prompt, model, backend, max_model_len, kv_cache_memory, dtype, verbose, temperature, top_p, top_k,
-             max_tokens, seed, use_chat, stop, n, as_json, **engine):
+def generate(prompt, model, backend, max_model_len, kv_cache_memory, dtype, verbose, sampling, use_chat, stop, n,
+             as_json, **engine):
     """Generate a completion for PROMPT once and print it (PROMPT "-" reads it from stdin). With
     --n above 1 each completion is printed under a "--- completion i ---" header."""
     if prompt == "-":
@@ -107,7 +105,7 @@ def generate(prompt, model, backend, max_model_len, kv_cache_memory, dtype, verb
         raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
     _setup_logging(verbose)
     llm = make_llm(model, backend, max_model_len, kv_cache_memory, dtype, **engine)
-    params = make_params(temperature, top_p, top_k, max_tokens, seed, stop=list(stop), n=n)
+    params = make_params(**sampling, stop=list(stop), n=n)
     from cupaged.cli.chat import prefix_cache_line
     from cupaged.errors import CupagedError
     cache_before = llm.engine.prefix_cache_stats()

@@ -1,6 +1,7 @@
 """Options and helpers shared by the `cupaged` commands (main.py, serve.py)."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -93,15 +94,29 @@ def _sampling_value(ctx: click.Context, param: click.Parameter, value):
     return value
 
 
+SAMPLING_NAMES = ("temperature", "top_p", "top_k", "max_tokens", "seed", "frequency_penalty", "repetition_penalty")
+# Chat defaults measured on the default model: `python benchmarks/chat_defaults.py` (docs/results.md)
+DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "frequency_penalty": 0.3, "repetition_penalty": 1.0}
+
+
 def sampling_options(f):
-    f = click.option("--seed", type=int, default=None, callback=_sampling_value,
-                     help="Sampling seed (same seed, same output).")(f)
-    f = click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-                     help="Most tokens to generate per answer.")(f)
-    f = click.option("--top-k", type=int, default=-1, show_default=True, callback=_sampling_value,
-                     help="Keep the k likeliest tokens (-1: all).")(f)
-    f = click.option("--top-p", type=float, default=0.9, show_default=True, callback=_sampling_value,
-                     help="Nucleus sampling mass, in (0, 1].")(f)
-    f = click.option("--temperature", "-t", type=float, default=0.7, show_default=True, callback=_sampling_value,
-                     help="Sampling temperature; 0 is greedy.")(f)
-    return f
+    """The sampling options, handed to the command as one `sampling` dict of SamplingParams fields."""
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        sampling = {name: kwargs.pop(name) for name in SAMPLING_NAMES}
+        return f(*args, sampling=sampling, **kwargs)
+
+    option = functools.partial(click.option, show_default=True, callback=_sampling_value)
+    command = click.option("--seed", type=int, default=None, callback=_sampling_value,
+                           help="Sampling seed (same seed, same output).")(command)
+    command = click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+                           help="Most tokens to generate per answer.")(command)
+    command = option("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
+                     help="Above 1 discourages tokens already in the prompt or answer (1: off).")(command)
+    command = option("--frequency-penalty", type=float, default=DEFAULTS["frequency_penalty"],
+                     help="Subtracted per earlier use of a token in the answer: curbs loops (0: off).")(command)
+    command = option("--top-k", type=int, default=-1, help="Keep the k likeliest tokens (-1: all).")(command)
+    command = option("--top-p", type=float, default=DEFAULTS["top_p"], help="Nucleus sampling mass, in (0, 1].")(command)
+    command = option("--temperature", "-t", type=float, default=DEFAULTS["temperature"],
+                     help="Sampling temperature; 0 is greedy.")(command)
+    return command

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from cupaged.cli.main import main
 from cupaged.sampling_params import SamplingParams
 
-GREEDY = ["--backend", "cpu", "--temperature", "0", "--max-tokens", "12"]
+GREEDY = ["--backend", "cpu", "--temperature", "0", "--frequency-penalty", "0", "--max-tokens", "12"]
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,21 @@ def test_engine_options_reach_the_engine(runner, smollm2_dir, smol_llm, monkeypa
 def test_bad_preemption_mode_is_refused(runner):
     result = runner.invoke(main, ["generate", "hi", "--preemption-mode", "drop"])
     assert result.exit_code != 0 and "preemption-mode" in result.output
+
+
+def test_sampling_defaults_reach_the_request(runner, smollm2_dir, monkeypatch):
+    """The measured chat defaults (cli/options.py DEFAULTS) are what a request without options samples with."""
+    from cupaged.cli import options
+    import cupaged.llm
+    seen = {}
+    real_generate = cupaged.llm.LLM.generate
+
+    def spy(self, prompts, params=None, **kw):
+        seen["params"] = params
+        return real_generate(self, prompts, params, **kw)
+
+    monkeypatch.setattr(cupaged.llm.LLM, "generate", spy)
+    result = runner.invoke(main, ["generate", "Hi", "--model", str(smollm2_dir), "--backend", "cpu", "--max-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    got = seen["params"]
+    assert {k: getattr(got, k) for k in options.DEFAULTS} == options.DEFAULTS
