@@ -6,7 +6,9 @@ engine's own Scheduler and BlockManager) against one max_model_len slot per sequ
 memory (reserved but holding no token's K/V) as % of reserved, averaged over the replay and at peak
 reservation, and concurrent requests (peak, mean). Parallel samples (n > 1) share their prompt blocks
 through BlockManager.fork; the saving is measured against independent copies. With shared prefixes
-(--prefix-len), a paged-16 run with the prefix cache on. A PNG plots memory reserved vs used over time.
+(--prefix-len), a paged-16 run with the prefix cache on; its reuse is counted for first admissions
+(each request's prompt, once) apart from re-admissions after preemption, which look up their own
+tokens again. A PNG plots memory reserved vs used over time.
 
     cupaged bench memory                                   # 1000 synthetic requests, 32k tokens
     cupaged bench memory --n 4 --num-requests 300          # parallel samples sharing prompts
@@ -20,6 +22,12 @@ import math
 import click
 
 PAGED_BLOCK_SIZES = (8, 16, 32)
+TABLE_LEGEND = [
+    "(waste mean: reserved tokens holding no K/V, % of reserved, mean over the steps that reserve any;",
+    " at peak: the same, mean over the steps at peak reservation;",
+    " peak / mean reqs: requests running at once, a request's n samples counted once: the most, and the mean",
+    " over those steps; preempted: preemptions by recompute, events (a sequence may be preempted many times);",
+    " drained: replay time of the step where the last request finished)"]
 
 
 def build_trace(trace_file, num_requests, rate, n, prefix_len, prefix_groups, max_model_len, seed):
@@ -62,20 +70,29 @@ def run_memory_benchmark(trace, kv_tokens: int, max_model_len: int, step_s: floa
 
 def measure_prefix_cache(trace, kv_tokens: int, step_s: float, max_num_seqs: int) -> dict:
     """paged-16 with the engine's prefix cache on: waste, concurrency, blocks saved by sharing (prefix
-    hits and forks), and the cache's counters. Hits count every admission, so a preempted sequence
-    that comes back and finds its own blocks still cached counts them again (as vLLM counts)."""
+    hits and forks), and the prefix-cache lookups counted apart: first admissions (each request's
+    prompt once; its n > 1 samples fork from it) and re-admissions after preemption, which look up
+    the prompt and the tokens generated so far and often find their own blocks still cached. The
+    cache's own counters (prefix_cache_queries / hits, as vLLM counts) add the two."""
     from cupaged.cli.memory_sim import SchedulerReplay
     run = SchedulerReplay(trace, kv_tokens, 16, step_s, max_num_seqs, prefix_caching=True)
     summary, _ = replay(run)
-    queries, hits = run.bm.prefix_cache_queries, run.bm.prefix_cache_hits
+    queries, hits, reuse = run.bm.prefix_cache_queries, run.bm.prefix_cache_hits, run.bm.reuse
     return {**summary, "prefix_cache_queries": queries, "prefix_cache_hits": hits,
-            "hit_rate_pct": 100 * hits / queries if queries else None}
+            "all_admissions_hit_rate_pct": _pct(hits, queries),
+            "first_admission_tokens": reuse.first_tokens, "first_admission_reused": reuse.first_reused,
+            "hit_rate_pct": _pct(reuse.first_reused, reuse.first_tokens), "readmissions": reuse.readmissions,
+            "readmitted_tokens": reuse.readmitted_tokens, "readmitted_reused": reuse.readmitted_reused}
+
+
+def _pct(part: int, whole: int) -> float | None:
+    return 100 * part / whole if whole else None
 
 
 def describe_trace(trace) -> dict:
     inputs = [r.input_len for r in trace]
     outputs = [r.output_len for r in trace]
-    return {"requests": len(trace), "sequences": sum(r.n for r in trace),
+    return {"requests": len(trace), "sequences": sum(r.n for r in trace), "prompt_tokens": sum(inputs),
             "mean_input_len": sum(inputs) / len(trace), "mean_output_len": sum(outputs) / len(trace),
             "max_input_len": max(inputs), "max_output_len": max(outputs),
             "last_arrival_s": max(r.arrival for r in trace),
@@ -85,8 +102,8 @@ def describe_trace(trace) -> dict:
 def format_report(report: dict) -> str:
     t = report["trace"]
     lines = [f"cupaged bench memory: {report['source']}",
-             f"  {t['requests']} requests ({t['sequences']} sequences), mean input {t['mean_input_len']:.0f}, "
-             f"mean output {t['mean_output_len']:.0f} tokens, arrivals over {t['last_arrival_s']:.1f} s",
+             f"  {t['requests']} requests ({t['sequences']} sequences, {t['prompt_tokens']} prompt tokens), "
+             f"mean input {t['mean_input_len']:.0f}, mean output {t['mean_output_len']:.0f} tokens, arrivals over {t['last_arrival_s']:.1f} s",
              f"  KV memory {report['kv_tokens']} tokens for each; contiguous reserves max_model_len "
              f"{report['max_model_len']} per sequence; one step (a token per sequence) = {report['step_ms']:g} ms",
              "",
@@ -95,8 +112,7 @@ def format_report(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"{r['memory']:<11} {r['waste_mean_pct']:>9.1f}% {r['waste_peak_pct']:>7.1f}% "
                      f"{r['peak_requests']:>9} {r['mean_requests']:>9.1f} {r['preemptions']:>9} {r['drain_s']:>8.1f}s")
-    lines.append("(waste: reserved tokens holding no K/V, % of reserved: mean over the replay, and mean over "
-                 "the steps at peak reservation)")
+    lines += TABLE_LEGEND
     lines += format_sharing(report["sharing"]) + format_prefix(report["prefix_cache"])
     if report.get("plot"):
         lines.append(f"plot: {report['plot']}")
@@ -119,11 +135,15 @@ def format_prefix(prefix: dict | None) -> list[str]:
     if prefix is None:
         return ["prefix cache: no request has a prefix_id"]
     rate = "-" if prefix["hit_rate_pct"] is None else f"{prefix['hit_rate_pct']:.1f}%"
-    return [f"prefix cache, paged-16: {prefix['prefix_cache_hits']} prompt tokens reused of "
-            f"{prefix['prefix_cache_queries']} looked up (every admission, re-admissions after preemption too), "
-            f"hit rate {rate}, "
-            f"{prefix['saved_blocks_mean']:.0f} blocks shared on average ({prefix['saved_pct']:.1f}%); "
-            f"peak / mean concurrent requests {prefix['peak_requests']} / {prefix['mean_requests']:.1f}, "
+    return [f"prefix cache, paged-16: first admissions reused {prefix['first_admission_reused']} of their "
+            f"{prefix['first_admission_tokens']} prompt tokens from the cache (hit rate {rate});",
+            f"  {prefix['readmissions']} re-admissions after preemption found {prefix['readmitted_reused']} of "
+            f"the {prefix['readmitted_tokens']} tokens they looked up",
+            "  (prompt and output so far, their own blocks often still cached; the cache's own counters add "
+            f"both: {prefix['prefix_cache_hits']} of {prefix['prefix_cache_queries']});",
+            f"  {prefix['saved_blocks_mean']:.0f} blocks shared on average ({prefix['saved_pct']:.1f}% of the blocks "
+            f"the running sequences reference);",
+            f"  peak / mean concurrent requests {prefix['peak_requests']} / {prefix['mean_requests']:.1f}, "
             f"waste {prefix['waste_mean_pct']:.1f}%"]
 
 

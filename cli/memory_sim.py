@@ -6,7 +6,8 @@ max_num_seqs and blocks allow; the newest running sequence preempted by recomput
 out), every sequence that samples gets a fresh token (the first token of an n > 1 request forks its
 siblings, which share the prompt's blocks, as LLMEngine does), and a sequence that reaches
 input_len + output_len tokens finishes and frees its blocks. share=False gives each sample its own
-prompt copy; prefix_caching turns the engine's prefix cache on.
+prompt copy; prefix_caching turns the engine's prefix cache on, its lookups counted by admission
+(`ReuseCounts`: first admissions apart from re-admissions after preemption).
 
 Contiguous memory (`ContiguousMemory` through `Replay`) is the counterfactual no engine here runs:
 one max_model_len slot reserved per sequence at admission, as engines before PagedAttention did.
@@ -78,6 +79,48 @@ def check_trace(trace: list[TraceRequest], memory, max_num_seqs: int) -> None:
 
 
 # ---- paged: the engine's scheduler ------------------------------------------------------------
+@dataclass
+class ReuseCounts:
+    """Prefix-cache lookups split by admission. A first admission looks up the prompt; a re-admission
+    after preemption by recompute looks up the prompt and the tokens generated so far, and often finds
+    its own blocks still cached, so it would count the same tokens again."""
+
+    first_tokens: int = 0         # prompt tokens looked up at first admissions
+    first_reused: int = 0         # of those, found in the cache
+    readmissions: int = 0
+    readmitted_tokens: int = 0    # prompt + generated tokens looked up at re-admissions
+    readmitted_reused: int = 0    # of those, found in the cache
+
+    def add(self, seq: Sequence, sign: int) -> None:
+        if seq.num_preemptions == 0:
+            self.first_tokens += sign * seq.num_tokens
+            self.first_reused += sign * seq.num_computed_tokens
+        else:
+            self.readmissions += sign
+            self.readmitted_tokens += sign * seq.num_tokens
+            self.readmitted_reused += sign * seq.num_computed_tokens
+
+
+class CountingBlockManager(BlockManager):
+    """The engine's BlockManager, its prefix-cache lookups also counted by admission (`reuse`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reuse = ReuseCounts()
+
+    def reuse_cached_prefix(self, seq: Sequence) -> int:
+        reused = super().reuse_cached_prefix(seq)
+        if self.enable_prefix_caching:
+            self.reuse.add(seq, +1)
+        return reused
+
+    def cancel_reuse(self, seq: Sequence) -> None:
+        """The scheduler calls this right after reuse_cached_prefix(seq): seq is unchanged between."""
+        if self.enable_prefix_caching:
+            self.reuse.add(seq, -1)
+        super().cancel_reuse(seq)
+
+
 class SchedulerReplay:
     """A trace through the engine's Scheduler and BlockManager, one step at a time."""
 
@@ -86,7 +129,7 @@ class SchedulerReplay:
                  max_num_batched_tokens: int | None = None):
         """max_num_batched_tokens: the step's token budget (default kv_tokens: a prompt joins whole)."""
         self.block_size, self.step_s, self.share = block_size, step_s, share
-        self.bm = BlockManager(kv_tokens // block_size, block_size, enable_prefix_caching=prefix_caching)
+        self.bm = CountingBlockManager(kv_tokens // block_size, block_size, enable_prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens or kv_tokens)
         check_trace(trace, self, max_num_seqs)
         self.arrivals = deque(sorted(trace, key=lambda r: r.arrival))

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cupaged.cli.bench import summarize
-from cupaged.cli.bench_latency import parse_levels
+from cupaged.cli.bench_latency import parse_levels, split_gaps
 from cupaged.cli.main import main
 
 
@@ -43,18 +43,49 @@ def test_latency_table_names_machine_and_backend(runner, smollm2_dir):
 
 
 def test_chunked_prefill_spreads_the_prompt_and_whole_prompt_takes_one_step(runner, smollm2_dir):
+    # 2 streams of 12 tokens under a 16-token budget: the second stream's prefill ends in the second
+    # step (chunked: 4 + 8 tokens; whole: it waits a step), so "before" starts after that step
     result = runner.invoke(main, ["bench", "chunked", "--model", str(smollm2_dir), "--backend", "cpu",
-                                  "--streams", "2", "--stream-input-len", "4", "--long-input-len", "64",
+                                  "--streams", "2", "--stream-input-len", "12", "--long-input-len", "64",
                                   "--max-num-batched-tokens", "16", "--lead-steps", "3", "--json"])
     assert result.exit_code == 0, result.output
-    on, off = json.loads(result.output)["rows"]
-    assert on["enable_chunked_prefill"] and not off["enable_chunked_prefill"]
+    report = json.loads(result.output)
+    on, off = report["rows"]
+    assert on["enable_chunked_prefill"] and not off["enable_chunked_prefill"] and report["lead_steps"] == 3
     # chunked: the two decodes leave 14 tokens a step, so 64 prompt tokens take 5 steps; whole: one
     assert (on["steps"], off["steps"]) == (5, 1)
     assert (on["stream_tokens_during"], off["stream_tokens_during"]) == (2 * 5, 2 * 1)
+    # one gap per stream per lead decode step, none from the steps that prefill a stream
+    assert on["stream_tokens_before"] == off["stream_tokens_before"] == 2 * 3
     for row in (on, off):
         assert 0 < row["median_itl_ms"] <= row["p99_itl_ms"] <= row["max_stall_ms"]
-        assert row["baseline_median_itl_ms"] > 0 and row["long_ttft_ms"] > 0
+        assert row["before_median_itl_ms"] > 0 and row["long_ttft_ms"] > 0 and row["cpu_cores_used"] > 0
+
+
+def test_chunked_table_says_what_each_column_is(runner, smollm2_dir):
+    result = runner.invoke(main, ["bench", "chunked", "--model", str(smollm2_dir), "--backend", "cpu",
+                                  "--streams", "2", "--stream-input-len", "4", "--long-input-len", "32",
+                                  "--max-num-batched-tokens", "16", "--lead-steps", "2"])
+    assert result.exit_code == 0, result.output
+    for words in ("before p50: the streams' median gap over the 2 decode steps before the prompt arrived (4 / 4)",
+                  "after every stream's own prefill", "steps: engine steps from the long prompt's arrival",
+                  "ITL p50 / p99, max stall: the streams' gaps between tokens that end in those steps (6 / 2)",
+                  "prompt TTFT: from the long prompt's arrival", "cores over the timed steps"):
+        assert words in result.output
+
+
+def test_split_gaps_against_a_hand_count():
+    # stream a's first token at 1.0, b's at 2.0 (b still prefilling in the step that ends at 2.0);
+    # the long prompt arrives at 4.5
+    a = [1.0, 2.0, 3.0, 4.0, 6.0, 7.5]
+    b = [2.0, 3.1, 4.2, 6.0, 7.5]
+    before, during = split_gaps([a, b], arrival=4.5)
+    # before: gaps starting at or after 2.0 (both have a token) and ending by 4.5; a's 1.0 -> 2.0 holds b's prefill
+    assert sorted(before) == pytest.approx(sorted([3.0 - 2.0, 4.0 - 3.0, 3.1 - 2.0, 4.2 - 3.1]))
+    # during: gaps ending after 4.5, including the ones that straddle the arrival
+    assert sorted(during) == pytest.approx(sorted([6.0 - 4.0, 7.5 - 6.0, 6.0 - 4.2, 7.5 - 6.0]))
+    assert all(gap > 0 for gap in before + during)
+    assert len(before) + len(during) == len(a) - 1 + len(b) - 1 - 1  # only a's prefill-laden gap is left out
 
 
 def test_percentiles_against_a_sorted_list():

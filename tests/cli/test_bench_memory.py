@@ -45,6 +45,25 @@ def test_json_report_agrees_with_itself(runner):
     assert sharing["fork"]["saved_blocks_peak"] > 0 and 0 < sharing["fork"]["saved_pct"] < 100
 
 
+def test_prefix_cache_reuse_stays_within_the_trace(runner):
+    result = runner.invoke(main, SMALL + ["--n", "3", "--prefix-len", "40", "--rate", "400", "--kv-tokens", "2048",
+                                          "--no-plot", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    prefix, trace = report["prefix_cache"], report["trace"]
+    assert prefix["preemptions"] > 0 and prefix["readmissions"] == prefix["preemptions"]
+    assert prefix["first_admission_tokens"] == trace["prompt_tokens"]
+    assert prefix["first_admission_reused"] <= 40 // 16 * 16 * trace["with_prefix"] <= trace["prompt_tokens"]
+    assert prefix["prefix_cache_hits"] == prefix["first_admission_reused"] + prefix["readmitted_reused"]
+    assert prefix["hit_rate_pct"] == pytest.approx(100 * prefix["first_admission_reused"] / trace["prompt_tokens"])
+    table = runner.invoke(main, SMALL + ["--n", "3", "--prefix-len", "40", "--rate", "400", "--kv-tokens", "2048",
+                                         "--no-plot"]).output
+    for words in (f"first admissions reused {prefix['first_admission_reused']} of their {trace['prompt_tokens']} "
+                  "prompt tokens", f"{prefix['readmissions']} re-admissions after preemption",
+                  "preempted: preemptions by recompute", "drained: replay time", "at peak: the same"):
+        assert words in table
+
+
 def test_trace_file_and_its_errors(runner, tmp_path):
     good = tmp_path / "trace.jsonl"
     good.write_text("\n".join(json.dumps({"arrival": 0.1 * i, "input_len": 30 + i, "output_len": 20})

@@ -151,6 +151,38 @@ def test_prefix_cache_hook_reuses_shared_prefixes():
     assert replay.bm.prefix_cache_hits > 0
 
 
+def test_prefix_reuse_is_counted_once_per_admission_under_preemption():
+    trace = synthetic_trace(40, rate=200.0, max_model_len=512, n=4, prefix_len=40, prefix_groups=3,
+                            mean_input=30, mean_output=60, seed=2)
+    replay = SchedulerReplay(trace, 1024, 16, 0.01, prefix_caching=True)
+    drive(replay, lambda: None)
+    reuse, bm = replay.bm.reuse, replay.bm
+    assert replay.num_preemptions > 0 and reuse.readmitted_reused > 0  # the case that counted twice
+    # one first admission per request (its samples fork from it), each looking up its prompt
+    assert reuse.first_tokens == sum(r.input_len for r in trace)
+    # a first admission can reuse only the whole blocks of its shared prefix (the rest of every
+    # prompt is its own), leaving a token to compute
+    assert reuse.first_reused <= sum(min(r.prefix_len, r.input_len - 1) // 16 * 16 for r in trace)
+    assert 0 < reuse.first_reused <= reuse.first_tokens
+    # every preemption by recompute comes back once, and the cache's counters are the sum of the two
+    assert reuse.readmissions == replay.num_preemptions
+    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (reuse.first_tokens + reuse.readmitted_tokens,
+                                                               reuse.first_reused + reuse.readmitted_reused)
+    assert bm.prefix_cache_hits > reuse.first_tokens  # the cache's counters alone exceed the trace's prompts
+
+
+def test_prefix_reuse_without_pressure_matches_a_hand_count():
+    # a request every 10 steps, so each finds the earlier prompts of its group computed and cached;
+    # 37 shared tokens make 2 whole blocks of 16
+    trace = [TraceRequest(0.1 * i, 40 + i, 10, n=2, prefix_id=f"p{i % 3}", prefix_len=37) for i in range(12)]
+    replay = SchedulerReplay(trace, 8192, 16, 0.01, prefix_caching=True)
+    drive(replay, lambda: None)
+    reuse = replay.bm.reuse
+    assert replay.num_preemptions == reuse.readmissions == reuse.readmitted_tokens == 0
+    assert reuse.first_tokens == sum(r.input_len for r in trace)
+    assert reuse.first_reused == 32 * (len(trace) - 3)  # all but the first of each of the 3 groups
+
+
 # ---- traces ---------------------------------------------------------------------------------------
 def test_synthetic_trace_is_sharegpt_like_reproducible_and_capped():
     a = synthetic_trace(4000, rate=10.0, max_model_len=1 << 20, seed=7)
