@@ -180,6 +180,15 @@ class BlockManager:
         return (0 < num_new_tokens and computed + num_new_tokens <= len(table) * bs
                 and self._made[table[computed // bs]].ref_cnt == 1 and not self.host.num_twins)
 
+    def without_room(self, seqs: list[Sequence]) -> list[Sequence] | None:
+        """Of seqs, each about to compute one token, those whose own last block cannot take it in place
+        (full, or shared); None while host twins exist (then every append goes through append_slots)."""
+        if self.host.num_twins:
+            return None
+        made, bs = self._made, self.block_size
+        return [s for s in seqs if not (s.num_computed_tokens < len(s.block_table) * bs
+                                        and made[s.block_table[s.num_computed_tokens // bs]].ref_cnt == 1)]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let child share all of parent's blocks (prompt sharing for n > 1). Fork between steps:
         copy-on-write covers only the one partly written block, not blocks reserved ahead."""

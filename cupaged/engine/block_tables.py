@@ -23,18 +23,14 @@ class BlockTables:
 
     def rows_for(self, seqs: list[Sequence]) -> np.ndarray:
         """Bring the rows of seqs up to date; returns their indices [B] int64."""
-        held, rows = self._held, []
-        for seq in seqs:
-            entry = held.get(seq.seq_id)
-            if entry is None:
-                entry = self._assign(seq, seqs)
+        held = self._held
+        stale = [seq for seq in seqs if (entry := held.get(seq.seq_id)) is None
+                 or entry[1] is not seq.block_table or entry[2] != len(seq.block_table)]
+        for seq in stale:  # new here, a new list (rewrite the row), or blocks added (write those)
+            entry = held.get(seq.seq_id) or self._assign(seq, seqs)
             table = seq.block_table
-            if entry[1] is not table or entry[2] > len(table):
-                self._write(entry, table, 0)  # a new list: rewrite the row
-            elif entry[2] < len(table):
-                self._write(entry, table, entry[2])
-            rows.append(entry[0])
-        return np.array(rows, dtype=np.int64)
+            self._write(entry, table, entry[2] if entry[1] is table and entry[2] < len(table) else 0)
+        return np.fromiter([held[seq.seq_id][0] for seq in seqs], np.int64, len(seqs))
 
     def gather(self, rows: np.ndarray, max_blocks: int) -> np.ndarray:
         """The step's block tables [B, max_blocks] int32 (unused entries -1)."""

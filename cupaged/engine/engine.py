@@ -32,7 +32,7 @@ from cupaged.config import EngineConfig, physical_memory
 from cupaged.engine.beam import BeamSearch, log_softmax
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.model_runner import ModelRunner, profile_forward
-from cupaged.engine.output_processor import CoreOutput, OutputProcessor, RequestQueue
+from cupaged.engine.output_processor import CoreOutput, OutputProcessor, RequestQueue, core_output_of
 from cupaged.engine.prefix_cache import PrefixCacheStats
 from cupaged.engine.sampler import Sampler
 from cupaged.engine.scheduler import ScheduledBatch, Scheduler
@@ -90,6 +90,8 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.ops)
         self.eos_token_ids = set(cfg.eos_token_ids) | self.tokenizer.eos_token_ids
         self.requests: dict[str, Request] = {}
+        self._searches: set[str] = set()  # requests that run a beam search
+        self._unforked: set[str] = set()  # requests of n > 1 samples whose siblings have not forked yet
         self.outputs = OutputProcessor(self.tokenizer)
         self._failed: list[tuple[str, Exception]] = []  # (request id, why) of requests failed this step
         self._ids = itertools.count()
@@ -164,7 +166,10 @@ class LLMEngine:
         for seq in seqs:
             seq.set_limits(self.eos_token_ids, self.max_model_len)
         req = self.requests[request_id] = Request(request_id, seqs)
+        if len(seqs) > 1:
+            self._unforked.add(request_id)
         if params.use_beam_search:
+            self._searches.add(request_id)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
             req.search = BeamSearch(seqs[0], detok, self.eos_token_ids, self.max_model_len)
         self.outputs.add(request_id, text, ids, params, queue)
@@ -210,7 +215,7 @@ class LLMEngine:
         """Stop a request now and free every block it holds (device or, if swapped out, host). A request
         with a queue gets a last output there, finish_reason "abort"."""
         request_id = str(request_id)
-        req = self.requests.pop(request_id, None)
+        req = self._drop(request_id)
         for seq in req.live_seqs() if req else []:
             self._finish(seq, "abort")
         self.outputs.abort(request_id)
@@ -255,7 +260,7 @@ class LLMEngine:
         last output, its blocks freed; every other request goes on."""
         logger.error("request %s failed in a step and was finished with an error: %s: %s", request_id,
                      type(exc).__name__, exc, exc_info=exc)
-        req = self.requests.pop(request_id, None)
+        req = self._drop(request_id)
         for seq in req.live_seqs() if req else []:
             self._finish(seq, "error")
         return self.outputs.abort(request_id, "error", f"request {request_id} failed: {type(exc).__name__}: {exc}")
@@ -269,14 +274,34 @@ class LLMEngine:
             seq.num_computed_tokens += n
             if seq.num_computed_tokens // bs > seq.num_cached_blocks:  # a block became full
                 bm.cache_full_blocks(seq)
-        sampled = [batch.seqs[i] for i in batch.sample_rows]
+        rows = batch.sample_rows
+        sampled = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
+        if not self._searches:
+            return self._draw(logits, sampled, range(len(sampled)))
         beams = [r for r, seq in enumerate(sampled) if seq.params.use_beam_search]
-        draws = [r for r, seq in enumerate(sampled) if not seq.params.use_beam_search] if beams else range(len(sampled))
+        draws = [r for r, seq in enumerate(sampled) if not seq.params.use_beam_search]
         return self._draw(logits, sampled, draws) + self._search(logits, sampled, beams)
 
     def _draw(self, logits, sampled: list[Sequence], rows) -> list[CoreOutput]:
         """Sample the next token of sampled[r] for r in rows; a first token forks the request's siblings,
         which draw from the same row."""
+        if not self._unforked and len(rows) == len(sampled):  # no first token to fork from: every row draws once
+            seqs, picks = sampled, rows
+        else:
+            seqs, picks = self._with_siblings(sampled, rows)
+        if not seqs:
+            return []
+        if len(picks) != len(sampled) or picks[-1] != len(sampled) - 1:
+            logits = self.ops.take_rows(logits, picks)  # [len(seqs), V]
+        try:
+            tokens, logprobs = self.sampler.sample(logits, seqs)
+        except Exception:  # one row's sampling failed the batch: sample each alone, fail only the culprits
+            return self._draw_each(logits, seqs)
+        return [self._append(seq, token, lp) for seq, token, lp in zip(seqs, tokens, logprobs)]
+
+    def _with_siblings(self, sampled: list[Sequence], rows) -> tuple[list[Sequence], list[int]]:
+        """The sequences that draw and the row each draws from: sampled[r] for r in rows, where a
+        request's first token also forks its siblings, which draw from the same row."""
         seqs, picks = [], []
         for r in rows:
             seq = sampled[r]
@@ -287,15 +312,7 @@ class LLMEngine:
             else:
                 seqs.append(seq)
                 picks.append(r)
-        if not seqs:
-            return []
-        if len(picks) != len(sampled) or picks[-1] != len(sampled) - 1:
-            logits = self.ops.take_rows(logits, picks)  # [len(seqs), V]
-        try:
-            tokens, logprobs = self.sampler.sample(logits, seqs)
-        except Exception:  # one row's sampling failed the batch: sample each alone, fail only the culprits
-            return self._draw_each(logits, seqs)
-        return [self._append(seq, token, lp) for seq, token, lp in zip(seqs, tokens, logprobs)]
+        return seqs, picks
 
     def _draw_each(self, logits, seqs: list[Sequence]) -> list[CoreOutput]:
         """The slow path after a failed sample: row by row; a row that fails again fails its request."""
@@ -317,6 +334,7 @@ class LLMEngine:
         req = self.requests[seq.request_id]
         if seq is not req.seqs[0]:
             return []
+        self._unforked.discard(seq.request_id)
         for child in req.seqs[1:]:
             self._fork(seq, child)
         return req.seqs
@@ -327,14 +345,17 @@ class LLMEngine:
         self.scheduler.add_running(child)
 
     def _append(self, seq: Sequence, token: int, logprobs) -> CoreOutput:
-        seq.append_token(token, logprobs)
+        if logprobs is None:
+            seq.token_ids.append(token)  # Sequence.append_token, inlined for the common case
+        else:
+            seq.append_token(token, logprobs)
         stop_token = token in seq.stop_ids
         reason = "stop" if stop_token else "length" if len(seq.token_ids) >= seq.max_len else None
         if reason:
             self._finish(seq, reason)
             self._forget_if_done(self.requests[seq.request_id])
-        if logprobs is None:  # positional: keyword arguments cost a dataclass twice the time
-            return CoreOutput(seq.request_id, seq.index, [token], None, reason, stop_token)
+        if logprobs is None:
+            return core_output_of((seq.request_id, seq.index, [token], None, reason, stop_token, None, None))
         return CoreOutput(seq.request_id, seq.index, [token], [logprobs], reason, stop_token, seq.cumulative_logprob)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -343,7 +364,13 @@ class LLMEngine:
 
     def _forget_if_done(self, req: Request) -> None:
         if all(seq.is_finished for seq in req.seqs):
-            self.requests.pop(req.request_id, None)
+            self._drop(req.request_id)
+
+    def _drop(self, request_id: str) -> Request | None:
+        """Forget a request (the core's side): it has ended."""
+        self._searches.discard(request_id)
+        self._unforked.discard(request_id)
+        return self.requests.pop(request_id, None)
 
     def _search(self, logits, sampled: list[Sequence], rows: list[int]) -> list[CoreOutput]:
         """Give beams sampled[r] (r in rows) their next-token log-probs; step every search whose beams
@@ -377,7 +404,7 @@ class LLMEngine:
     def _search_output(self, req: Request) -> CoreOutput:
         """A beam search's one output, when it ends: the best n hypotheses, best first."""
         p = req.seqs[0].params
-        del self.requests[req.request_id]
+        self._drop(req.request_id)
         hypotheses = [(seq.output_token_ids, seq.logprobs if p.logprobs is not None else None,
                        seq.cumulative_logprob, seq.finish_reason, detok) for seq, detok in req.search.best(p.n)]
         return CoreOutput(req.request_id, 0, [], hypotheses=hypotheses)

@@ -19,6 +19,7 @@ stream whose request ends anywhere sees it end.
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -42,6 +43,11 @@ class CoreOutput(NamedTuple):
     # beam search, when it ends: its n best hypotheses, best first, as
     # (token ids, logprobs or None, cumulative log-prob, finish reason, detokenizer holding its text)
     hypotheses: list[tuple[list[int], list | None, float, str, IncrementalDetokenizer]] | None = None
+
+
+# CoreOutput from a tuple of all eight fields, without the Python-level __new__ of a NamedTuple (one is
+# made per sequence per step)
+core_output_of = functools.partial(tuple.__new__, CoreOutput)
 
 
 class RequestQueue:
@@ -124,7 +130,22 @@ class OutputProcessor:
                 if len(state.outputs) > 1:
                     several[co.request_id] = state
                     continue
-                self._deliver_one(state, returned)
+                if state.kind != "delta":
+                    self._deliver_one(state, returned)
+                    continue
+                o = state.outputs[0]  # a stream's step, built here: the common case, kept short
+                finished = o.finish_reason is not None
+                delta = o.detok.delta(finished)
+                sent, o.sent_ids = o.sent_ids, len(o.token_ids)
+                out = RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [CompletionOutput(
+                    0, delta, o.token_ids[sent:], o.logprobs[sent:] if o.logprobs is not None else None,
+                    o.finish_reason, delta, o.cumulative_logprob)], finished)
+                if finished:
+                    del states[co.request_id]
+                if state.queue is not None:
+                    state.queue.put(out)
+                else:
+                    returned.append(out)
             except Exception as exc:  # one request's text failed: it alone ends (LLMEngine.fail_request)
                 failed.append((co.request_id, exc))
                 several.pop(co.request_id, None)
@@ -138,16 +159,9 @@ class OutputProcessor:
         return returned, stopped, failed
 
     def _deliver_one(self, state: _RequestState, returned: list[RequestOutput]) -> None:
-        o = state.outputs[0]
-        finished = o.finish_reason is not None
-        if state.kind == "delta":  # a stream's step, built here: the common case, kept short
-            delta = o.detok.delta(finished)
-            sent, o.sent_ids = o.sent_ids, len(o.token_ids)
-            out = RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [CompletionOutput(
-                0, delta, o.token_ids[sent:], o.logprobs[sent:] if o.logprobs is not None else None,
-                o.finish_reason, delta, o.cumulative_logprob)], finished)
-            self._send(state, out, returned)
-        elif finished or state.kind != "final":
+        """A "cumulative" or "final" request of one output ("delta" is built inline in process)."""
+        finished = state.outputs[0].finish_reason is not None
+        if finished or state.kind != "final":
             self._deliver(state, finished, returned)
 
     def _deliver(self, state: _RequestState, finished: bool, returned: list[RequestOutput]) -> None:

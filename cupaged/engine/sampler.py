@@ -29,15 +29,16 @@ class Sampler:
         self._rng = np.random.default_rng(seed)
         self._seq_rngs: dict[int, np.random.Generator] = {}
         self.ops = ops
-        self._rows_key: list[int] | None = None  # the sequences _rows_value was packed for
-        self._rows_value: tuple = ()
+        self._rows_key: list[int] | None = None  # the sequences (ids, in order) the last step sampled
+        self._on_host: list[int] = []             # which of them need the host path
+        self._rows_value: tuple | None = None     # their packed per-row parameters (_rows)
 
     def sample(self, logits, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [B, V] (a backend array, or a host array), one row per sequence ->
         (token ids [B], logprobs per row or None)."""
         if self.ops is None:
             return self.sample_on_host(np.asarray(logits, dtype=np.float32), seqs)
-        on_host = [i for i, seq in enumerate(seqs) if seq.params.packed[3]]
+        on_host = self._host_rows(seqs)
         if not on_host:
             return self.sample_on_device(logits, seqs), [None] * len(seqs)
         if len(on_host) == len(seqs):
@@ -57,6 +58,15 @@ class Sampler:
             tokens[i], logprobs[i] = token, lp
         return tokens, logprobs
 
+    def _host_rows(self, seqs: list[Sequence]) -> list[int]:
+        """The rows that need the host path. What follows is kept from the last step while the same
+        sequences sample in the same order (a steady decode)."""
+        key = [seq.seq_id for seq in seqs]
+        if key != self._rows_key:
+            self._rows_key, self._rows_value = key, None
+            self._on_host = [i for i, seq in enumerate(seqs) if seq.params.packed[3]]
+        return self._on_host
+
     def sample_on_device(self, logits, seqs: list[Sequence]) -> list[int]:
         """The fast path: per-row parameters (packed once per request, `SamplingParams.packed`) and
         uniforms from the host, `ops.sample` on the backend, one device -> host copy of the token ids."""
@@ -75,10 +85,8 @@ class Sampler:
 
     def _rows(self, seqs: list[Sequence]) -> tuple:
         """Per-row (temperature, top_p, top_k) [S] from the requests' packed parameters, the rows that
-        draw from the shared generator and those with a seed of their own. Kept from the last step
-        while the same sequences sample in the same order (a steady decode)."""
-        key = [seq.seq_id for seq in seqs]
-        if key == self._rows_key:
+        draw from the shared generator and those with a seed of their own, kept while they stay the same."""
+        if self._host_rows(seqs) is self._on_host and self._rows_value is not None:
             return self._rows_value
         packed = np.array([seq.params.packed for seq in seqs], dtype=np.float64).reshape(len(seqs), 5)
         draws = packed[:, 0] > 0
@@ -87,7 +95,7 @@ class Sampler:
         top_k = np.where(draws, packed[:, 2], -1).astype(np.int32)
         seeded = np.flatnonzero(draws & (packed[:, 4] > 0)).tolist()
         shared = np.flatnonzero(draws & (packed[:, 4] == 0))
-        self._rows_key, self._rows_value = key, (temperature, top_p, top_k, shared, seeded)
+        self._rows_value = (temperature, top_p, top_k, shared, seeded)
         return self._rows_value
 
     def _upload_params(self, temperature, top_k, top_p, uniform) -> list:

@@ -75,10 +75,10 @@ class _Plan:
     """A step's decision while the scheduler makes it (ScheduledBatch is the finished record)."""
 
     __slots__ = ("seqs", "num_tokens", "sample_rows", "blocks_to_copy", "blocks_to_swap_out",
-                 "blocks_to_swap_in", "ids")
+                 "blocks_to_swap_in")
 
     def __init__(self):
-        self.seqs, self.num_tokens, self.sample_rows, self.ids = [], [], [], set()
+        self.seqs, self.num_tokens, self.sample_rows = [], [], []
         self.blocks_to_copy, self.blocks_to_swap_out, self.blocks_to_swap_in = [], [], []
 
     def add(self, seq: Sequence, n: int) -> None:
@@ -87,7 +87,12 @@ class _Plan:
             self.sample_rows.append(len(self.seqs))
         self.seqs.append(seq)
         self.num_tokens.append(n)
-        self.ids.add(seq.seq_id)
+
+    def add_decodes(self, seqs: list[Sequence]) -> None:
+        """seqs compute one token each, their last: they all sample."""
+        self.sample_rows += range(len(self.seqs), len(self.seqs) + len(seqs))
+        self.seqs += seqs
+        self.num_tokens += [1] * len(seqs)
 
     def batch(self) -> ScheduledBatch:
         return ScheduledBatch(self.seqs, self.num_tokens, self.blocks_to_copy, self.blocks_to_swap_out,
@@ -140,19 +145,15 @@ class Scheduler:
 
     def _schedule_decodes(self, batch: _Plan, budget: int) -> int:
         """One token each for running sequences that decode, preempting the newest for blocks."""
-        running, fits = SequenceStatus.RUNNING, self.block_manager.fits_in_place
-        seqs, num_tokens, rows, ids = batch.seqs, batch.num_tokens, batch.sample_rows, batch.ids
-        for seq in [s for s in self.running if s.num_computed_tokens + 1 == len(s.token_ids)]:
+        decoding = [s for s in self.running if s.num_computed_tokens + 1 == len(s.token_ids)]
+        if len(decoding) <= budget and self._append_all(decoding, batch):
+            batch.add_decodes(decoding)  # the steady state: every decode runs, no one is preempted
+            return budget - len(decoding)
+        running = SequenceStatus.RUNNING
+        for seq in decoding:
             if budget == 0:
                 break
             if seq.status is not running:  # preempted below, as a victim
-                continue
-            if fits(seq, 1):  # the common decode, inlined: no block to add, so no append_slots
-                rows.append(len(seqs))
-                seqs.append(seq)
-                num_tokens.append(1)
-                ids.add(seq.seq_id)
-                budget -= 1
                 continue
             while not self.block_manager.can_append(seq, 1):
                 victim = self.running[-1]
@@ -163,8 +164,21 @@ class Scheduler:
                 budget -= self._take(batch, seq, 1)
         return budget
 
+    def _append_all(self, decoding: list[Sequence], batch: _Plan) -> bool:
+        """Give every decode the slot for its token if the free blocks are enough for all of them (the
+        few whose last block is full or shared get one); False, with nothing done, if they might not be."""
+        bm = self.block_manager
+        short = bm.without_room(decoding)
+        if short is None or sum(bm.blocks_needed(seq, 1) for seq in short) > bm.num_free_blocks:
+            return False
+        for seq in short:
+            batch.blocks_to_copy += bm.append_slots(seq, 1)
+        return True
+
     def _schedule_prefill_chunks(self, batch: _Plan, budget: int) -> int:
         """A chunk each for running sequences still in prefill, from what the decodes left."""
+        if len(batch.seqs) == len(self.running):  # every running sequence decodes this step
+            return budget
         for seq in [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]:
             if budget == 0:
                 break
@@ -175,7 +189,7 @@ class Scheduler:
                 continue
             while not self.block_manager.can_append(seq, n):
                 victim = self.running[-1]
-                if victim.seq_id in batch.ids:  # scheduled this step: the chunk waits, and so do newcomers
+                if victim in batch.seqs:  # scheduled this step: the chunk waits, and so do newcomers
                     return 0
                 self._preempt(victim, batch)
                 if victim is seq:

@@ -43,6 +43,7 @@ class Tokenizer:
         self.eos_token_ids = self._special_ids(model_dir)
         self.vocab_size = self._tok.get_vocab_size()
         self._byte_tables: dict[bool, list[bytes] | None] = {}
+        self._text_tables: dict[bool, list[str | None] | None] = {}
 
     def _special_ids(self, model_dir: Path) -> set[int]:
         ids = set()
@@ -71,6 +72,15 @@ class Tokenizer:
             self._byte_tables[key] = byte_table(self.hf, key)
         return self._byte_tables[key]
 
+    def text_table(self, skip_special_tokens: bool) -> list[str | None] | None:
+        """For a byte-level tokenizer, each token id's text where its bytes are whole UTF-8 characters
+        (None where they are not: part of a character), else None; made once."""
+        key = bool(skip_special_tokens)
+        if key not in self._text_tables:
+            table = self.byte_table(key)
+            self._text_tables[key] = None if table is None else [_whole_utf8(data) for data in table]
+        return self._text_tables[key]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render the model's own chat template (as transformers does) to a prompt string."""
         if not self.chat_template:
@@ -79,6 +89,13 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=_token_str(self.config.get("bos_token")), eos_token=_token_str(self.config.get("eos_token")),
         )
+
+
+def _whole_utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _token_str(token) -> str:
@@ -128,6 +145,7 @@ class IncrementalDetokenizer:
         self._firsts = frozenset(s[0] for s in self.stop)   # a held-back tail starts with one of these
         self._lasts = frozenset(s[-1] for s in self.stop)   # a stop string completed now ends with one
         self._bytes = tokenizer.byte_table(skip_special_tokens)
+        self._texts = tokenizer.text_table(skip_special_tokens)  # a token's text when nothing is pending
         if self._bytes is not None:
             self._pending = b""  # the start of a character whose last bytes have not come yet
         else:
@@ -146,18 +164,14 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> None:
         """Take one new token; updates self.text and self.stopped."""
         if self._bytes is not None:
-            try:
-                data = self._bytes[token_id]
-            except IndexError:  # an id past the tokenizer's vocabulary (a padded embedding): no text
-                data = b""
-            if self._pending:
-                data = self._pending + data
-            chunk, used = codecs.utf_8_decode(data, "replace", False)
-            if used == len(data):
-                if self._pending:
-                    self._pending = b""
-            else:
-                self._pending = data[used:]
+            chunk = None
+            if not self._pending:  # the common case: a token of whole characters, its text from a table
+                try:
+                    chunk = self._texts[token_id]
+                except IndexError:  # an id past the tokenizer's vocabulary (a padded embedding): no text
+                    chunk = ""
+            if chunk is None:
+                chunk = self._decode_bytes(token_id)
         else:
             self.ids.append(token_id)
             if len(self.ids) > 4 * self.CONTEXT:
@@ -171,6 +185,18 @@ class IncrementalDetokenizer:
             self._cut_at_stop(max(0, start))
         else:
             self.text += chunk
+
+    def _decode_bytes(self, token_id: int) -> str:
+        """A token's bytes after any pending ones, through an incremental UTF-8 decode."""
+        try:
+            data = self._bytes[token_id]
+        except IndexError:
+            data = b""
+        if self._pending:
+            data = self._pending + data
+        chunk, used = codecs.utf_8_decode(data, "replace", False)
+        self._pending = data[used:] if used < len(data) else b""
+        return chunk
 
     def fork(self) -> IncrementalDetokenizer:
         """A copy that goes on decoding on its own (a beam's continuation)."""

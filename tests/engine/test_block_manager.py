@@ -371,3 +371,19 @@ def test_can_append_counts_the_copy():
     assert bm.blocks_needed(child, 1) == 1 and not bm.can_append(child, 1)
     with pytest.raises(AssertionError, match="not enough free blocks"):
         bm.append_slots(child, 1)
+
+
+def test_without_room_names_exactly_the_decodes_that_need_append_slots():
+    """The scheduler's steady-state check against what append_slots does for each sequence alone:
+    full last blocks, a shared partly filled block (copy-on-write) and blocks with room."""
+    bm = BlockManager(num_blocks=16, block_size=4, num_host_blocks=2)
+    full, room, parent, child = make_seq(8), make_seq(6), make_seq(6), make_seq(6)
+    for seq in (full, room, parent):
+        bm.append_slots(seq, seq.num_tokens)
+        seq.num_computed_tokens = seq.num_tokens
+    bm.fork(parent, child)
+    seqs = [full, room, parent, child]
+    needs = [seq for seq in seqs if bm.blocks_needed(seq, 1) > 0]
+    assert bm.without_room(seqs) == needs == [full, parent, child]
+    bm.host.link(full.block_table[0], 0)  # a host twin: every append goes through append_slots
+    assert bm.without_room(seqs) is None

@@ -194,3 +194,19 @@ def test_a_decoder_that_is_not_byte_level_uses_decode_stream(tokenizer, monkeypa
     fork = detok.fork()
     fork.add(ids[0])
     assert fork.text == TEXTS[2] + tokenizer.decode(ids[:1])
+
+
+def test_text_table_is_each_tokens_decode_where_it_is_whole_characters(smol_llm):
+    """The detokenizer's table of whole-character texts, against the tokenizer's own decode of every id."""
+    tok = smol_llm.tokenizer
+    texts, raw = tok.text_table(True), tok.byte_table(True)
+    assert len(texts) == len(raw)
+    split = 0
+    for token_id, text in enumerate(texts):
+        if text is None:  # part of a character: its bytes alone are not UTF-8
+            split += 1
+            with pytest.raises(UnicodeDecodeError):
+                raw[token_id].decode("utf-8")
+        else:
+            assert text == tok.decode([token_id]), token_id
+    assert 0 < split < len(texts) // 10
