@@ -19,31 +19,32 @@ def make_llm(model: str, backend: str, max_model_len: int | None, kv_cache_memor
     except CupagedError as e:
         _fail(e)
     if llm.engine.ops.name == "cpu":
-        compile_kernels(llm)
+        from cupaged.engine.warm_up import warm_up
+        compile_kernels(lambda: warm_up(llm.engine))
     return llm
 
 
-def compile_kernels(llm, note_after_s: float = 1.0) -> None:
-    """Run one tiny request now, so that Numba compiles (first run) or loads the CPU kernels before the
-    prompt appears rather than inside the first answer. Says so up front when the cache is cold, or once
-    it has taken note_after_s (a dtype whose kernels were never compiled), and then how long it took."""
+def compile_kernels(run, note_after_s: float = 1.0, backend: str = "cpu") -> None:
+    """Call run (a warm-up: one tiny request) now, so that the kernels are compiled (first run) or
+    loaded before the prompt appears or the server says it is ready, rather than inside the first
+    answer. Says so up front when the CPU kernel cache is cold, or once it has taken note_after_s (a
+    dtype whose kernels were never compiled, a GPU's NVRTC compile), and then how long it took."""
     import threading
     import time
 
     from cupaged.backend.cpu import kernels_cached
-    from cupaged.sampling_params import SamplingParams
     start = time.perf_counter()
     shown = threading.Event()
 
     def note() -> None:
         shown.set()
-        click.echo("compiling the CPU kernels for this machine (first run only; later runs load them)...", err=True)
+        click.echo(f"compiling the {backend.upper()} kernels for this machine (first run only; later runs load "
+                   "them)...", err=True)
 
-    timer = threading.Timer(0 if not kernels_cached() else note_after_s, note)
+    timer = threading.Timer(0 if backend == "cpu" and not kernels_cached() else note_after_s, note)
     timer.start()
     try:
-        ids = list(range(100, 108))  # a prefill of 8 tokens and one decode step: every kernel the chat uses
-        llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        run()
     finally:
         timer.cancel()
         timer.join()

@@ -33,6 +33,7 @@ def serve(model, backend, max_model_len, kv_cache_memory, dtype, verbose, host, 
     import uvicorn
 
     from cupaged.async_llm import AsyncLLM
+    from cupaged.cli.main import compile_kernels
     from cupaged.config import EngineConfig
     from cupaged.errors import CupagedError
     from cupaged.server.app import Server, build_app
@@ -52,6 +53,7 @@ def serve(model, backend, max_model_len, kv_cache_memory, dtype, verbose, host, 
 
     def load() -> AsyncLLM:
         llm = AsyncLLM(model=model, backend=backend, **options)
+        compile_kernels(llm.warm_up, backend=llm.engine.ops.name)  # before /health says "ok"
         click.echo(f"serving {name} on http://{host}:{port}/v1 ({llm.engine.ops.name} backend, max_model_len "
                    f"{llm.engine.max_model_len}); Ctrl-C stops", err=True)
         return llm

@@ -148,6 +148,13 @@ class AsyncLLM:
         if out.finished:
             self.observer.on_finished(out, now - progress.sent)
 
+    def warm_up(self) -> None:
+        """Before serving (no request added yet): run one tiny request in the engine thread, so the
+        backend's kernels compile or load now rather than in the first request (engine/warm_up.py).
+        Blocks until it is done."""
+        from cupaged.engine.warm_up import warm_up
+        self._call(lambda: warm_up(self.engine)).result()
+
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread (its stream ends with finish_reason "abort")."""
         self._call(lambda: self.engine.abort(request_id))

@@ -89,13 +89,13 @@ def test_a_plain_line_is_answered(terminal):
     assert terminal.close() == 0
 
 
-class SlowLLM:
-    """Stands in for LLM: its first request takes `seconds`, as a Numba compile would."""
+class SlowWarmUp:
+    """Stands in for a warm-up: it takes `seconds`, as a Numba compile would."""
 
     def __init__(self, seconds: float, log: list[str]):
         self.seconds, self.log = seconds, log
 
-    def generate(self, prompt, params):
+    def __call__(self):
         time.sleep(self.seconds)
         self.log.append("generated")
 
@@ -104,7 +104,7 @@ class SlowLLM:
 def test_kernels_compile_before_the_prompt_with_a_note_and_the_time(monkeypatch, capsys, cached, seconds, noted):
     monkeypatch.setattr("cupaged.backend.cpu.kernels_cached", lambda: cached)
     log: list[str] = []
-    compile_kernels(SlowLLM(seconds, log), note_after_s=0.2)
+    compile_kernels(SlowWarmUp(seconds, log), note_after_s=0.2)
     err = capsys.readouterr().err
     assert log == ["generated"]  # the warm-up ran before compile_kernels returned (before the prompt)
     assert ("compiling the CPU kernels" in err) == noted
