@@ -253,8 +253,30 @@ def stub_model_dir(root: Path) -> Path:
     return build_random_model(resolve_model(DEFAULT_MODEL, progress=False), root / "stub", overrides={"num_hidden_layers": 1})
 
 
-def print_table(rows: list[dict], machine: str) -> None:
-    click.echo(f"engine host overhead per step (model stubbed) on {machine}")
+def python_call_ns(calls: int = 200_000) -> float:
+    """This host's speed at plain Python: ns per call of a one-attribute method, best of 5 (a shared
+    host's speed moves between days by up to 2x; this says where a run stood)."""
+    class Box:
+        __slots__ = ("x",)
+
+        def __init__(self):
+            self.x = 0
+
+        def bump(self, n):
+            self.x += n
+
+    box, best = Box(), float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for i in range(calls):
+            box.bump(i)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e9 / calls
+
+
+def print_table(rows: list[dict], machine: str, call_ns: float) -> None:
+    click.echo(f"engine host overhead per step (model stubbed) on {machine}; a small Python method call "
+               f"takes {call_ns:.0f} ns here")
     click.echo("ms per step, median [p10-p90]; update = the rest of step() (post-step bookkeeping)")
     click.echo(f"{'':31}" + "".join(f"{p:>19}" for p in (*PHASES, "total")) + f"{'us/seq':>8}")
     for r in rows:
@@ -289,6 +311,6 @@ def overhead(running, steps, as_json):
         rows.append(mixed_row(model_dir, max(c for c in counts if c <= 256) if min(counts) <= 256 else counts[0], steps))
         rows += [null_device_row(model_dir, n, steps) for n in sorted({1, min(256, max(counts))})]
     if as_json:
-        click.echo(json.dumps({"machine": machine_name(), "rows": rows}))
+        click.echo(json.dumps({"machine": machine_name(), "python_call_ns": python_call_ns(), "rows": rows}))
     else:
-        print_table(rows, machine_name())
+        print_table(rows, machine_name(), python_call_ns())

@@ -28,6 +28,9 @@ class Sampler:
     def __init__(self, seed: int | None = None, ops: Ops | None = None):
         self._rng = np.random.default_rng(seed)
         self._seq_rngs: dict[int, np.random.Generator] = {}
+        # seq_id -> [uniforms drawn ahead from its own generator, how many are used]: the same values as
+        # one draw per step, without a Generator call per sequence per step
+        self._ahead: dict[int, list] = {}
         self.ops = ops
         self._rows_key: list[int] | None = None  # the sequences (ids, in order) the last step sampled
         self._on_host: list[int] = []             # which of them need the host path
@@ -75,8 +78,8 @@ class Sampler:
         if shared.size or seeded:  # some row draws: its parameters go to the backend in one copy
             uniform = np.zeros(n, np.float32)
             uniform[shared] = self._rng.random(shared.size, dtype=np.float32)  # in [0, 1)
-            for i in seeded:
-                uniform[i] = self._rng_for(seqs[i]).random(dtype=np.float32)
+            if seeded:
+                uniform[seeded] = [self._next_uniform(seqs[i]) for i in seeded]
             temperature, top_k, top_p, uniform = self._upload_params(temperature, top_k, top_p, uniform)
         else:
             uniform = np.zeros(n, np.float32)
@@ -123,6 +126,18 @@ class Sampler:
 
     def forget(self, seq: Sequence) -> None:
         self._seq_rngs.pop(seq.seq_id, None)
+        self._ahead.pop(seq.seq_id, None)
+
+    AHEAD = 64  # uniforms a seeded sequence draws at once (Generator.random(n) gives the n values that n
+    #             calls of Generator.random() would)
+
+    def _next_uniform(self, seq: Sequence) -> float:
+        """The next float32 uniform in [0, 1) of a seeded sequence's own generator."""
+        ahead = self._ahead.get(seq.seq_id)
+        if ahead is None or ahead[1] == self.AHEAD:
+            ahead = self._ahead[seq.seq_id] = [self._rng_for(seq).random(self.AHEAD, dtype=np.float32).tolist(), 0]
+        ahead[1] += 1
+        return ahead[0][ahead[1] - 1]
 
     # --- steps ----------------------------------------------------------------------------
     @staticmethod

@@ -221,3 +221,18 @@ def test_max_tokens(smol_llm):
     for n, out in zip((1, 2, 5), outs):
         assert len(out.outputs[0].token_ids) == n and out.outputs[0].finish_reason == "length"
     assert outs[2].outputs[0].token_ids[:2] == outs[1].outputs[0].token_ids
+
+
+def test_seeded_uniforms_are_one_draw_per_step_of_the_sequences_own_generator():
+    """The fast path's uniforms for a seeded sequence, drawn ahead in blocks, against one scalar draw
+    per step from the generator its seed names; forgetting the sequence starts it over."""
+    sampler = Sampler(0)
+    seqs = [Sequence("r", [1, 2], SamplingParams(temperature=0.8, seed=seed), index=i)
+            for seed, i in ((3, 0), (3, 1), (11, 0))]
+    steps = 2 * Sampler.AHEAD + 5
+    got = [[sampler._next_uniform(seq) for seq in seqs] for _ in range(steps)]
+    for j, seq in enumerate(seqs):
+        own = np.random.default_rng([seq.params.seed, seq.index])
+        assert [row[j] for row in got] == [float(own.random(dtype=np.float32)) for _ in range(steps)]
+    sampler.forget(seqs[0])
+    assert sampler._next_uniform(seqs[0]) == float(np.random.default_rng([3, 0]).random(dtype=np.float32))
