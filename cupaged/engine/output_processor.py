@@ -86,6 +86,7 @@ class _RequestState:
     kind: str
     outputs: list[_Output]
     queue: RequestQueue | None
+    stream: bool = False  # "delta" with one output and no beam search: process takes _stream_step
 
     @property
     def finished(self) -> bool:
@@ -106,7 +107,9 @@ class OutputProcessor:
                                                params.skip_special_tokens),
                         logprobs=[] if params.logprobs is not None else None,
                         cumulative_logprob=0.0 if params.logprobs is not None else None) for _ in range(n)]
-        self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params.output_kind, outs, queue)
+        self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params.output_kind, outs, queue,
+                                                stream=params.output_kind == "delta" and n == 1
+                                                and not params.use_beam_search)
 
     def process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, int]],
                                                                list[tuple[str, Exception]]]:
@@ -123,29 +126,18 @@ class OutputProcessor:
             if state is None:  # failed earlier in this step
                 continue
             try:
+                if state.stream:
+                    if self._stream_step(state, co, returned):
+                        stopped.append((co.request_id, 0))
+                    continue
                 if co.hypotheses is not None:
                     self._take_hypotheses(state, co.hypotheses)
                 elif take(state.outputs[co.index], co):
                     stopped.append((co.request_id, co.index))
                 if len(state.outputs) > 1:
                     several[co.request_id] = state
-                    continue
-                if state.kind != "delta":
-                    self._deliver_one(state, returned)
-                    continue
-                o = state.outputs[0]  # a stream's step, built here: the common case, kept short
-                finished = o.finish_reason is not None
-                delta = o.detok.delta(finished)
-                sent, o.sent_ids = o.sent_ids, len(o.token_ids)
-                out = RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [CompletionOutput(
-                    0, delta, o.token_ids[sent:], o.logprobs[sent:] if o.logprobs is not None else None,
-                    o.finish_reason, delta, o.cumulative_logprob)], finished)
-                if finished:
-                    del states[co.request_id]
-                if state.queue is not None:
-                    state.queue.put(out)
                 else:
-                    returned.append(out)
+                    self._deliver_one(state, returned)
             except Exception as exc:  # one request's text failed: it alone ends (LLMEngine.fail_request)
                 failed.append((co.request_id, exc))
                 several.pop(co.request_id, None)
@@ -158,8 +150,28 @@ class OutputProcessor:
                 failed.append((state.request_id, exc))
         return returned, stopped, failed
 
+    def _stream_step(self, state: _RequestState, co: CoreOutput, returned: list[RequestOutput]) -> bool:
+        """The common case, kept short: a "delta" request of one output takes its new tokens and gets
+        its output at once (holding every token it was sent, it is sent exactly this step's new ones).
+        True if a stop string finishes it now."""
+        o = state.outputs[0]
+        stop_now = self._take(o, co)
+        finished = o.finish_reason is not None
+        delta = o.detok.delta(finished)
+        o.sent_ids = len(o.token_ids)
+        out = RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [CompletionOutput(
+            0, delta, co.new_token_ids, None if o.logprobs is None else co.new_logprobs or [], o.finish_reason,
+            delta, o.cumulative_logprob)], finished)
+        if finished:
+            del self.states[state.request_id]
+        if state.queue is not None:
+            state.queue.put(out)
+        else:
+            returned.append(out)
+        return stop_now
+
     def _deliver_one(self, state: _RequestState, returned: list[RequestOutput]) -> None:
-        """A "cumulative" or "final" request of one output ("delta" is built inline in process)."""
+        """A "cumulative" or "final" request of one output ("delta": _stream_step)."""
         finished = state.outputs[0].finish_reason is not None
         if finished or state.kind != "final":
             self._deliver(state, finished, returned)
