@@ -67,3 +67,41 @@ def check_messages(messages) -> list[dict]:
             raise InvalidRequestError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}, got {m['role']!r}")
         check(f"messages[{i}]['content']", m["content"], isinstance(m["content"], str), "a str")
     return list(messages)
+
+
+def parse_prompt(prompt, tokenizer, vocab_size: int, max_model_len: int) -> tuple[str | None, list[int]]:
+    """A prompt (str, token ids, or a dict of PROMPT_KEYS) -> (its text or None, its token ids), refused
+    with an InvalidRequestError naming the problem when it is malformed, empty or leaves no room to
+    generate within max_model_len."""
+    if isinstance(prompt, dict):
+        unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+        if unknown:
+            raise InvalidRequestError(f"unknown prompt key(s) {unknown}: a prompt dict takes {', '.join(PROMPT_KEYS)}")
+        text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        if ids is None and text is None:
+            raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        check("prompt", text, text is None or isinstance(text, str), "a str")
+        ids = tokenizer.encode(text) if ids is None else check_token_ids("prompt_token_ids", ids, vocab_size)
+    elif isinstance(prompt, str):
+        text, ids = prompt, tokenizer.encode(prompt) if prompt else []
+    elif isinstance(prompt, (list, tuple, np.ndarray)):
+        text, ids = None, check_token_ids("prompt token ids", prompt, vocab_size)
+    else:
+        raise InvalidRequestError(f"a prompt must be a str, a list of token ids or a dict, got "
+                                  f"{type(prompt).__name__} {prompt!r:.60}")
+    if not ids:
+        raise InvalidRequestError("the prompt is empty")
+    if len(ids) >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt is {len(ids)} tokens, but the context length is {max_model_len} "
+            f"(the prompt must leave room for at least one generated token)")
+    return text, ids
+
+
+def cache_salt_of(prompt, default: str | None) -> str | None:
+    """The prompt dict's own cache_salt, else default; a salt must be a non-empty string."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    salt = default if salt is None else salt
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise InvalidRequestError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return salt

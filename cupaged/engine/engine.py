@@ -24,9 +24,6 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-import numpy as np
-
-
 from cupaged.backend import Ops, get_ops
 from cupaged.config import EngineConfig, physical_memory
 from cupaged.engine.beam import BeamSearch, log_softmax
@@ -45,7 +42,7 @@ from cupaged.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from cupaged.outputs import RequestOutput
 from cupaged.sampling_params import SamplingParams
 from cupaged.util import cdiv
-from cupaged.validation import PROMPT_KEYS, check, check_token_ids
+from cupaged.validation import cache_salt_of, parse_prompt
 from cupaged.weights.store import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -158,8 +155,8 @@ class LLMEngine:
         if params.best_of > self.config.max_num_seqs:
             raise InvalidRequestError(f"n / best_of {params.best_of} is more sequences than max_num_seqs "
                                       f"{self.config.max_num_seqs} lets run at once")
-        text, ids = self._tokenize(prompt)
-        salt = self._cache_salt(prompt, cache_salt)
+        text, ids = parse_prompt(prompt, self.tokenizer, self.model_config.vocab_size, self.max_model_len)
+        salt = cache_salt_of(prompt, cache_salt)
         logger.debug("request %s: %d prompt tokens", request_id, len(ids))
         seqs = [Sequence(request_id, ids, params, index=i, cache_salt=salt)
                 for i in range(1 if params.use_beam_search else params.n)]
@@ -175,41 +172,6 @@ class LLMEngine:
         self.outputs.add(request_id, text, ids, params, queue)
         self.scheduler.add(seqs[0])  # the others fork from it at its first token
         return request_id
-
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt (str, token ids, or a dict of PROMPT_KEYS) -> (its text or None, its token ids)."""
-        vocab = self.model_config.vocab_size
-        if isinstance(prompt, dict):
-            unknown = sorted(set(prompt) - set(PROMPT_KEYS))
-            if unknown:
-                raise InvalidRequestError(f"unknown prompt key(s) {unknown}: a prompt dict takes {', '.join(PROMPT_KEYS)}")
-            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
-            if ids is None and text is None:
-                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-            check("prompt", text, text is None or isinstance(text, str), "a str")
-            ids = self.tokenizer.encode(text) if ids is None else check_token_ids("prompt_token_ids", ids, vocab)
-        elif isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt) if prompt else []
-        elif isinstance(prompt, (list, tuple, np.ndarray)):
-            text, ids = None, check_token_ids("prompt token ids", prompt, vocab)
-        else:
-            raise InvalidRequestError(f"a prompt must be a str, a list of token ids or a dict, got "
-                                      f"{type(prompt).__name__} {prompt!r:.60}")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt is {len(ids)} tokens, but the context length is {self.max_model_len} "
-                f"(the prompt must leave room for at least one generated token)")
-        return text, ids
-
-    @staticmethod
-    def _cache_salt(prompt, default: str | None) -> str | None:
-        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        salt = default if salt is None else salt
-        if salt is not None and (not isinstance(salt, str) or not salt):
-            raise InvalidRequestError(f"cache_salt must be a non-empty string, got {salt!r}")
-        return salt
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free every block it holds (device or, if swapped out, host). A request
