@@ -242,7 +242,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 
 TestBlockManagerStateful = BlockManagerMachine.TestCase
-TestBlockManagerStateful.settings = settings(max_examples=300, stateful_step_count=100, deadline=None)
+TestBlockManagerStateful.settings = settings(max_examples=200, stateful_step_count=100, deadline=None)
 
 
 # --- unit tests ----------------------------------------------------------------------------

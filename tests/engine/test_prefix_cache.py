@@ -299,7 +299,7 @@ class PrefixCacheMachine(BlockManagerMachine):
 
 
 TestPrefixCacheStateful = PrefixCacheMachine.TestCase
-TestPrefixCacheStateful.settings = settings(max_examples=300, stateful_step_count=100, deadline=None)
+TestPrefixCacheStateful.settings = settings(max_examples=200, stateful_step_count=100, deadline=None)
 
 
 # --- random workloads through the scheduler ---------------------------------------------------
