@@ -10,7 +10,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Under pytest-xdist (the README's `-n 2`) each worker gets its share of the cores. Numba's OpenMP
     # threads spin between kernels: two workers of two threads on 2 cores ran the model tests 2.5x
-    # slower than one worker alone. The kernel tests pass their thread counts (1-3) explicitly.
+    # slower than one worker alone. The kernel tests still split their work 1-3 ways: they pass that
+    # count as the kernels' `threads` argument (the prange split), which this does not limit.
     _share = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_var] = _share
