@@ -11,10 +11,7 @@ import pytest
 from cupaged.cli.memory_sim import ContiguousMemory, Replay, SchedulerReplay, summarize_replay
 from cupaged.cli.memory_trace import TraceRequest, load_trace, synthetic_trace
 from cupaged.errors import TraceError
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from cupaged.util import cdiv
 
 
 def naive_paged(replay: SchedulerReplay) -> tuple[int, int, int]:

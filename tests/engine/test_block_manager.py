@@ -19,16 +19,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.sequence import Sequence
 from cupaged.sampling_params import SamplingParams
+from cupaged.util import cdiv
 
 PARAMS = SamplingParams()
 
 
 def make_seq(num_prompt_tokens: int, name: str = "r") -> Sequence:
     return Sequence(name, list(range(1, num_prompt_tokens + 1)), PARAMS)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def free_ids(bm: BlockManager) -> list[int]:

@@ -15,10 +15,7 @@ from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.scheduler import ScheduledBatch, Scheduler
 from cupaged.engine.sequence import Sequence, SequenceStatus
 from cupaged.sampling_params import SamplingParams
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from cupaged.util import cdiv
 
 
 class FakeEngine:

@@ -19,12 +19,9 @@ from cupaged.engine.block_manager import BlockManager
 from cupaged.engine.sequence import Sequence
 from cupaged.engine.swap import HostBlockPool
 from cupaged.sampling_params import SamplingParams
+from cupaged.util import cdiv
 
 PARAMS = SamplingParams()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def computed_seq(bm: BlockManager, num_tokens: int, name: str = "r") -> Sequence:
