@@ -26,6 +26,7 @@ suite an emulation device that runs the same kernels through the host emulator o
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -33,7 +34,7 @@ import numpy as np
 from cupaged.backend.cupy_device import CupyDevice
 from cupaged.backend.kernels import Device, Kernel, launch
 from cupaged.util import bf16_bits_to_float, cdiv, float_to_bf16_bits
-from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
+from cupaged.backend.ops import Array, AttnMetadata, Ops, block_runs, check_swap
 
 logger = logging.getLogger(__name__)
 BFLOAT16 = "bfloat16"
@@ -48,16 +49,14 @@ def heads_per_block(g: int) -> int:
     return next(p for p in (1, 2, 4, 8) if p >= min(g, 8))
 
 
-def block_runs(pairs: np.ndarray) -> list[tuple[int, int, int]]:
-    """pairs [P, 2] (src, dst) block ids -> (src, dst, n) runs: blocks src .. src+n-1 go to dst .. dst+n-1.
-    Pairs are sorted by src first, so a run of consecutive ids is found in any order."""
-    if len(pairs) == 0:
-        return []
-    p = pairs[np.argsort(pairs[:, 0], kind="stable")]
-    step = np.diff(p, axis=0)                                      # [P-1, 2]
-    starts = np.r_[0, np.flatnonzero((step != 1).any(axis=1)) + 1]
-    lengths = np.diff(np.r_[starts, len(p)])
-    return [(int(p[i, 0]), int(p[i, 1]), int(n)) for i, n in zip(starts, lengths)]
+@dataclass(slots=True)
+class AttnPlan:
+    """One step's attention plan, made at its first layer and reused by every other (FlashInfer's
+    plan/run split): the metadata's checks, and the decode's scratch, all layers running in turn."""
+
+    meta: AttnMetadata
+    b: int                                   # sequences in the step
+    scratch: dict = field(default_factory=dict)  # (Hq, D, parts) -> decode partials (max, sum, out)
 
 
 class CudaOps(Ops):
@@ -83,6 +82,7 @@ class CudaOps(Ops):
         self.sfx = "bf16" if self.bf16 else "f16"
         self.partition_size = int(partition_size)
         self._kernels: dict[tuple[str, str], Kernel] = {}
+        self._attn_plan: AttnPlan | None = None  # the step's, made by its first attention layer
 
     def _kernel(self, file: str, name: str):
         """The Kernel handle of file's entry point name, made once (a step asks for ~300)."""
@@ -305,32 +305,52 @@ class CudaOps(Ops):
             raise ValueError(f"paged_attention: head_dim {d} has no kernel; supported: {HEAD_DIMS}")
         if bs & (bs - 1):
             raise ValueError(f"paged_attention: block_size {bs} is not a power of two")
-        self._check("block_tables", meta.block_tables, 2, _I32)
-        b = meta.block_tables.shape[0]
-        self._check("seq_lens", meta.seq_lens, 1, _I32, (b,))
-        self._check("query_start_loc", meta.query_start_loc, 1, _I32, (b + 1,))
+        plan = self._plan(meta)
+        b = plan.b
         window = max(0, int(sliding_window))
         if b == 0 or t == 0:
             return self.xp.zeros((t, hq, d), dtype=self.storage)
         if meta.max_query_len == 1:
             if t < b:
                 raise ValueError(f"paged_attention: a decode step of {b} sequences needs >= {b} query rows, got {t}")
-            return self._decode(q, k_cache, v_cache, meta, b, hk, scale, window)
+            return self._decode(q, k_cache, v_cache, plan, hk, scale, window)
         return self._prefill(q, k_cache, v_cache, meta, b, hk, scale, window)
 
-    def _decode(self, q, k_cache, v_cache, meta: AttnMetadata, b: int, hk: int, scale: float, window: int):
-        xp = self.xp
+    def _plan(self, meta: AttnMetadata) -> AttnPlan:
+        """The step's plan: made (the metadata checked) at the first layer that brings this meta."""
+        plan = self._attn_plan
+        if plan is not None and plan.meta is meta:
+            return plan
+        self._check("block_tables", meta.block_tables, 2, _I32)
+        b = meta.block_tables.shape[0]
+        self._check("seq_lens", meta.seq_lens, 1, _I32, (b,))
+        self._check("query_start_loc", meta.query_start_loc, 1, _I32, (b + 1,))
+        self._attn_plan = plan = AttnPlan(meta, b)
+        return plan
+
+    def _decode_scratch(self, plan: AttnPlan, hq: int, d: int, parts: int):
+        """The partitions' running max and sum [B, Hq, parts] and outputs [B, Hq, parts, D], float32,
+        allocated once per step: each layer's decode overwrites what the one before left."""
+        key = (hq, d, parts)
+        scratch = plan.scratch.get(key)
+        if scratch is None:
+            xp, b = self.xp, plan.b
+            scratch = plan.scratch[key] = (xp.empty((b, hq, parts), dtype=np.float32),
+                                           xp.empty((b, hq, parts), dtype=np.float32),
+                                           xp.empty((b, hq, parts, d), dtype=np.float32))
+        return scratch
+
+    def _decode(self, q, k_cache, v_cache, plan: AttnPlan, hk: int, scale: float, window: int):
+        meta, b = plan.meta, plan.b
         t, hq, d = q.shape
         g = hq // hk
         gp = heads_per_block(g)
         span = min(meta.max_seq_len, window) if window else meta.max_seq_len
         parts = max(1, cdiv(span, self.partition_size))
-        out = xp.empty((t, hq, d), dtype=self.storage)
+        out = self.xp.empty((t, hq, d), dtype=self.storage)
         if t > b:
             out[b:] = 0  # padding rows (bits of 0.0 in every dtype)
-        part_max = xp.empty((b, hq, parts), dtype=np.float32)
-        part_sum = xp.empty((b, hq, parts), dtype=np.float32)
-        part_out = xp.empty((b, hq, parts, d), dtype=np.float32)
+        part_max, part_sum, part_out = self._decode_scratch(plan, hq, d, parts)
         mb, bs = meta.block_tables.shape[1], k_cache.shape[1]
         launch(self._kernel("paged_attention.cu", f"paged_decode_{self.sfx}_d{d}_g{gp}"),
                grid=(hk * cdiv(g, gp), b, parts), block=(DECODE_THREADS,),

@@ -127,11 +127,16 @@ class Graph:
         raise NotImplementedError
 
 
+_ONES = ((), (1, 1), (1,), ())  # what pads a tuple of 0-3 sizes to three
+_PLAIN = frozenset((type(None), *SCALARS))  # argument types a launch takes as they are
+
+
 def _dim3(v, what: str) -> tuple[int, int, int]:
     if type(v) is tuple and 1 <= len(v) <= 3:  # the usual launch: a tuple of positive Python ints
-        x, y, z = v + (1,) * (3 - len(v))
+        v3 = v + _ONES[len(v)]
+        x, y, z = v3
         if type(x) is int and type(y) is int and type(z) is int and x >= 1 and y >= 1 and z >= 1:
-            return (x, y, z)
+            return v3
     t = (v,) if isinstance(v, (int, np.integer)) else tuple(v)
     if not 1 <= len(t) <= 3 or not all(isinstance(x, (int, np.integer)) and x >= 1 for x in t):
         raise ValueError(f"{what} must be 1 to 3 positive ints, got {v!r}")
@@ -152,11 +157,10 @@ def launch(kernel: Kernel, *, grid, block, args, shared_mem: int = 0) -> None:
     if not 0 <= shared_mem <= dev.max_shared_mem:
         raise ValueError(f"{kernel.name}: {shared_mem} B of dynamic shared memory; the device allows "
                          f"{dev.max_shared_mem} B")
-    array = dev.xp.ndarray
-    for i, a in enumerate(args):
-        if a is None or type(a) in SCALARS or type(a) is array or dev.is_array(a):
-            continue
-        if type(a) not in SCALARS:
+    kinds = {type(a) for a in args} - _PLAIN
+    kinds.discard(dev.xp.ndarray)
+    for i, a in enumerate(args if kinds else ()):  # a type other than exact device arrays and the scalars
+        if not (a is None or type(a) in SCALARS or dev.is_array(a)):
             raise TypeError(f"{kernel.name}: argument {i} is {type(a).__name__} {a!r}; pass device arrays or "
                             f"np.int32 / np.float32 scalars")
     dev.run(kernel, g, b, list(args), int(shared_mem))

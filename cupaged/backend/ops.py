@@ -165,6 +165,20 @@ class Ops(ABC):
         is the specification."""
 
 
+def block_runs(pairs: Any) -> list[tuple[int, int, int]]:
+    """pairs [P, 2] (src, dst) block ids -> (src, dst, n) runs: blocks src .. src+n-1 go to dst .. dst+n-1.
+    Pairs are sorted by src first, so a run of consecutive ids is found in any order."""
+    import numpy as np
+
+    if len(pairs) == 0:
+        return []
+    p = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    step = np.diff(p, axis=0)                                      # [P-1, 2]
+    starts = np.r_[0, np.flatnonzero((step != 1).any(axis=1)) + 1]
+    lengths = np.diff(np.r_[starts, len(p)])
+    return [(int(p[i, 0]), int(p[i, 1]), int(n)) for i, n in zip(starts, lengths)]
+
+
 def check_swap(src_k: Array, src_v: Array, dst_k: Array, dst_v: Array, pairs: Any):
     """Check a `swap_blocks` call: shapes and dtypes of the four pools, and the block ids of `pairs`
     (host data, so checking its values costs no device sync). Returns pairs as an int64 [P, 2] ndarray."""

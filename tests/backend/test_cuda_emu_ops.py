@@ -11,6 +11,8 @@ With `pytest -m gpu` on a machine with CuPy and a device, the same tests run on 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import shutil
@@ -251,6 +253,23 @@ def test_decode_split_matches_single_pass(rng):
     b = single.paged_attention(q, kc, vc, meta, 0.125, 0)
     assert not device.launches[-1].startswith("paged_decode_reduce")
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=2e-3)
+
+
+def test_one_attention_plan_per_step(rng):
+    """The layers of one step share a plan (metadata checked once, one decode scratch); each layer
+    still reads only its own cache, and a new step's metadata makes a new plan, checked again."""
+    ops = CudaOps(EmuDevice(), "float16", 64)
+    (q, kc, vc, meta), (q32, kc32, vc32, meta32) = attention_case(ops, rng, [1, 1], [70, 130], 4, 2, 64, 16)
+    (_, kc2, vc2, _), (_, kc2_32, vc2_32, _) = attention_case(ops, rng, [1, 1], [70, 130], 4, 2, 64, 16)
+    layer1 = back(ops, ops.paged_attention(q, kc, vc, meta, 0.125, 0))
+    plan = ops._attn_plan
+    layer2 = back(ops, ops.paged_attention(q, kc2, vc2, meta, 0.125, 0))
+    assert ops._attn_plan is plan and len(plan.scratch) == 1
+    np.testing.assert_allclose(layer1, CPU.paged_attention(q32, kc32, vc32, meta32, 0.125), rtol=1e-2, atol=2e-3)
+    np.testing.assert_allclose(layer2, CPU.paged_attention(q32, kc2_32, vc2_32, meta32, 0.125), rtol=1e-2, atol=2e-3)
+    bad = dataclasses.replace(meta, seq_lens=meta.seq_lens[:1].copy())
+    with pytest.raises(ValueError, match="seq_lens"):
+        ops.paged_attention(q, kc, vc, bad, 0.125, 0)
 
 
 def test_unsupported_head_dim_is_refused(ops, rng):
