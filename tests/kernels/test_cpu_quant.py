@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cupaged.backend.cpu import CpuOps
-from cupaged.backend.cpu_quant import QBLOCK, matmul_q8, quantize_q8_0
+from cupaged.backend.cpu_quant import QBLOCK, Q8Matrix, matmul_q8, quantize_q8_0
 
 F32 = np.float32
 
@@ -27,7 +27,7 @@ def test_quantize_is_within_half_a_step():
         quantize_q8_0(np.ones((4, 40), F32))
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 32, 1), (1, 576, 963), (2, 64, 5), (3, 96, 7), (5, 576, 130),
+@pytest.mark.parametrize("m,k,n", [(1, 32, 1), (1, 576, 963), (2, 64, 5), (3, 96, 7), (4, 64, 9), (5, 576, 130),
                                    (16, 1536, 577), (37, 128, 33)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_matmul_q8(m, k, n, threads):
@@ -38,6 +38,14 @@ def test_matmul_q8(m, k, n, threads):
     matmul_q8(x, w.q, w.scale, out, threads)
     want = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_q8_matrix_refuses_a_layout_the_simd_walk_cannot_read():
+    m = quantize_q8_0(np.ones((8, 64), F32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        Q8Matrix(np.asfortranarray(m.q), m.scale)
+    with pytest.raises(ValueError, match="scale float32"):
+        Q8Matrix(m.q, m.scale[:, :1].copy())
 
 
 def test_q8_weights_through_the_ops():
