@@ -26,6 +26,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from cupaged.backend.cpu_math import FASTMATH
+from cupaged.backend.cpu_simd import QBLOCK, dot_rows1, dot_rows4
 
 PANEL_ROWS = 4 if llvm.get_host_cpu_features().get("avx512f") else 2  # rows of w per panel (see above)
 BLOCK_ROWS = 128  # rows of w per work item (~300 KB at K = 576 in float32: it stays in L2)
@@ -171,6 +172,22 @@ def _rows_in_order(x, w, out, n0, n1):
             out[m, n] = s
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rows_in_order_simd(x, w, out, n0, n1):
+    """_rows_in_order through cpu_simd's row kernels, 4 rows of w at a time (K a multiple of 32)."""
+    nb = x.shape[1] // QBLOCK
+    ws, xs, os = w.strides[0], x.strides[0], out.strides[0]
+    wp, xp, op = w.ctypes.data, x.ctypes.data, out.ctypes.data
+    n = n0
+    while n + 4 <= n1:
+        for m in range(x.shape[0]):
+            dot_rows4(w, xp + m * xs, wp + n * ws, ws, nb, op + m * os + 4 * n)
+        n += 4
+    for r in range(n, n1):
+        for m in range(x.shape[0]):
+            dot_rows1(w, xp + m * xs, wp + r * ws, ws, nb, op + m * os + 4 * r)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def matmul_nt(x, w, out, threads):
     """x [M, K] @ w [N, K].T -> out [M, N], C-contiguous; x and out float32, w float32 or bfloat16
@@ -184,6 +201,10 @@ def matmul_nt(x, w, out, threads):
     the 2-core EPYC that is not kept in the repo).
     """
     m_n, n_rows = x.shape[0], w.shape[0]
+    if m_n == 1 and x.shape[1] % QBLOCK == 0:
+        for t in numba.prange(threads):
+            _rows_in_order_simd(x, w, out, t * n_rows // threads, (t + 1) * n_rows // threads)
+        return
     if m_n == 1:
         for t in numba.prange(threads):
             _rows_in_order(x, w, out, t * n_rows // threads, (t + 1) * n_rows // threads)

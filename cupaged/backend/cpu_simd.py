@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 LANES = 16
+_OPAQUE = False  # typed-pointer IR names (llvm.prefetch.p0i8)
 QBLOCK = 32
-_F32, _I8, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(64)
-_VF, _VB = ir.VectorType(_F32, LANES), ir.VectorType(_I8, LANES)
+_F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_VF, _VB, _VH, _VI = (ir.VectorType(t, LANES) for t in (_F32, _I8, _I16, _I32))
 
 
 def _fmuladd(builder: ir.IRBuilder, a, b, c):
@@ -58,33 +59,72 @@ def _load(builder: ir.IRBuilder, base, offset, vtype, align: int):
     return builder.load(builder.bitcast(ptr, vtype.as_pointer()), align=align)
 
 
-def _codegen_rows(rows: int):
+def _row_ptr(builder: ir.IRBuilder, base, stride, r: int, elem):
+    return builder.inttoptr(builder.add(base, builder.mul(stride, ir.Constant(_I64, r))), elem.as_pointer())
+
+
+def _widened(builder: ir.IRBuilder, kind: str, row, off):
+    """16 weights of a row from element `off` on, as <16 x float>."""
+    if kind == "q8":
+        return builder.sitofp(_load(builder, row, off, _VB, 1), _VF)
+    if kind == "bf16":  # the top half of a float32: zero-extend, shift left 16, bitcast
+        bits = builder.zext(_load(builder, row, off, _VH, 2), _VI)
+        return builder.bitcast(builder.shl(bits, ir.Constant(_VI, [16] * LANES)), _VF)
+    return _load(builder, row, off, _VF, 4)
+
+
+PREFETCH_ROWS = 4  # how far ahead the row kernels prefetch: the same place, this many rows on
+
+
+def _prefetch(builder: ir.IRBuilder, row, off, w_stride, elem) -> None:
+    """Ask for the cache line PREFETCH_ROWS rows below row[off] (llvm.prefetch: a hint, never a fault,
+    so past the matrix's end is harmless). Weights come from memory one row after the next; with more
+    work per byte (bf16, int8) the core's own lookahead covers too few lines to keep memory busy."""
+    name = "llvm.prefetch.p0i8" if not _OPAQUE else "llvm.prefetch.p0"
+    i8p, i32 = _I8.as_pointer(), ir.IntType(32)
+    fn = builder.module.globals.get(name) or ir.Function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name)
+    here = builder.bitcast(builder.gep(row, [off]), i8p)
+    ahead = builder.gep(here, [builder.mul(w_stride, ir.Constant(_I64, PREFETCH_ROWS))])
+    builder.call(fn, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
+def _codegen_rows(rows: int, kind: str):
+    """IR of `rows` dot products over nb blocks of 32 (see the module docstring). q8: one accumulator
+    per row, each block's 32 products scaled by the block's scale; bf16 and f32: two per row (one per
+    16 lanes), so two FMA chains run side by side."""
+    elem = {"q8": _I8, "bf16": _I16, "f32": _F32}[kind]
+
     def codegen(context, builder, signature, args):
-        xp, qp, q_stride, sp, s_stride, nb, outp = args
+        xp, wp, w_stride, sp, s_stride, nb, outp = args
         x = builder.inttoptr(xp, _F32.as_pointer())
-        qs = [builder.inttoptr(builder.add(qp, builder.mul(q_stride, ir.Constant(_I64, r))), _I8.as_pointer())
-              for r in range(rows)]
-        ss = [builder.inttoptr(builder.add(sp, builder.mul(s_stride, ir.Constant(_I64, r))), _F32.as_pointer())
-              for r in range(rows)]
+        ws = [_row_ptr(builder, wp, w_stride, r, elem) for r in range(rows)]
+        ss = [_row_ptr(builder, sp, s_stride, r, _F32) for r in range(rows)] if kind == "q8" else []
+        per_row = 1 if kind == "q8" else 2
         zero = ir.Constant(_VF, None)
         entry = builder.block
-        loop = builder.append_basic_block("q8.loop")
-        done = builder.append_basic_block("q8.done")
+        loop = builder.append_basic_block(f"{kind}.loop")
+        done = builder.append_basic_block(f"{kind}.done")
         builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(_I64, 0)), loop, done)
 
         builder.position_at_end(loop)
         b = builder.phi(_I64)
-        accs = [builder.phi(_VF) for _ in range(rows)]
+        accs = [builder.phi(_VF) for _ in range(rows * per_row)]
         off = builder.mul(b, ir.Constant(_I64, QBLOCK))
         off2 = builder.add(off, ir.Constant(_I64, LANES))
         x0, x1 = _load(builder, x, off, _VF, 4), _load(builder, x, off2, _VF, 4)
         new = []
         for r in range(rows):
-            q0 = builder.sitofp(_load(builder, qs[r], off, _VB, 1), _VF)
-            q1 = builder.sitofp(_load(builder, qs[r], off2, _VB, 1), _VF)
-            t = _fmuladd(builder, x1, q1, builder.fmul(x0, q0))
-            s = builder.load(builder.gep(ss[r], [b]), align=4)
-            new.append(_fmuladd(builder, t, _splat(builder, s), accs[r]))
+            _prefetch(builder, ws[r], off, w_stride, elem)
+            if kind == "f32":  # 32 float32 weights span two cache lines
+                _prefetch(builder, ws[r], off2, w_stride, elem)
+            w0, w1 = _widened(builder, kind, ws[r], off), _widened(builder, kind, ws[r], off2)
+            if kind == "q8":
+                t = _fmuladd(builder, x1, w1, builder.fmul(x0, w0))
+                s = builder.load(builder.gep(ss[r], [b]), align=4)
+                new.append(_fmuladd(builder, t, _splat(builder, s), accs[r]))
+            else:
+                new += [_fmuladd(builder, x0, w0, accs[2 * r]), _fmuladd(builder, x1, w1, accs[2 * r + 1])]
         b_next = builder.add(b, ir.Constant(_I64, 1))
         tail = builder.block
         builder.cbranch(builder.icmp_signed("<", b_next, nb), loop, done)
@@ -95,27 +135,55 @@ def _codegen_rows(rows: int):
             acc.add_incoming(nxt, tail)
 
         builder.position_at_end(done)
-        finals = [builder.phi(_VF) for _ in range(rows)]  # phis first: LLVM wants them at the block's top
+        finals = [builder.phi(_VF) for _ in new]  # phis first: LLVM wants them at the block's top
         for final, nxt in zip(finals, new):
             final.add_incoming(zero, entry)
             final.add_incoming(nxt, tail)
         out = builder.inttoptr(outp, _F32.as_pointer())
-        for r, final in enumerate(finals):
-            builder.store(_hsum(builder, final), builder.gep(out, [ir.Constant(_I64, r)]), align=4)
+        for r in range(rows):
+            v = finals[r] if per_row == 1 else builder.fadd(finals[2 * r], finals[2 * r + 1])
+            builder.store(_hsum(builder, v), builder.gep(out, [ir.Constant(_I64, r)]), align=4)
         return context.get_dummy_value()
     return codegen
 
 
-def _make(rows: int):
+def _make(rows: int, kind: str):
     @intrinsic
-    def q8_rows(typingctx, xp, qp, q_stride, sp, s_stride, nb, outp):
-        """out[r] = x . dequantized row r, r < rows: x float32 [nb * 32] at xp; the rows' int8 values
-        at qp + r * q_stride and float32 scales at sp + r * s_stride (bytes); out float32 at outp."""
-        args = (xp, qp, q_stride, sp, s_stride, nb, outp)
+    def dot_rows(typingctx, xp, wp, w_stride, sp, s_stride, nb, outp):
+        """out[r] = x . row r of w, r < rows: x float32 [nb * 32] at xp; row r's weights (int8, bf16
+        bits or float32, by kind) at wp + r * w_stride and, for q8, its float32 scales at sp + r *
+        s_stride (strides in bytes; sp and s_stride unused otherwise); out float32 at outp."""
+        args = (xp, wp, w_stride, sp, s_stride, nb, outp)
         if not all(isinstance(a, types.Integer) and a.bitwidth == 64 for a in args):
             return None
-        return types.void(*args), _codegen_rows(rows)
-    return q8_rows
+        return types.void(*args), _codegen_rows(rows, kind)
+    return dot_rows
 
 
-q8_rows1, q8_rows2, q8_rows4 = _make(1), _make(2), _make(4)
+q8_rows1, q8_rows4 = _make(1, "q8"), _make(4, "q8")
+bf16_rows1, bf16_rows4 = _make(1, "bf16"), _make(4, "bf16")
+f32_rows1, f32_rows4 = _make(1, "f32"), _make(4, "f32")
+
+
+def dot_rows4(w, xp, wp, w_stride, nb, outp):
+    """f32_rows4 or bf16_rows4 by w's dtype (float32 or bf16 bits), for code generic over both."""
+    raise NotImplementedError("compiled only")
+
+
+def dot_rows1(w, xp, wp, w_stride, nb, outp):
+    """f32_rows1 or bf16_rows1 by w's dtype."""
+    raise NotImplementedError("compiled only")
+
+
+def _by_dtype(four: bool):
+    def typer(w, xp, wp, w_stride, nb, outp):
+        kernel = {types.float32: (f32_rows1, f32_rows4), types.uint16: (bf16_rows1, bf16_rows4)}.get(w.dtype)
+        if kernel is None:
+            return None
+        fn = kernel[1] if four else kernel[0]
+        return lambda w, xp, wp, w_stride, nb, outp: fn(xp, wp, w_stride, 0, 0, nb, outp)
+    return typer
+
+
+overload(dot_rows4, inline="always")(_by_dtype(True))
+overload(dot_rows1, inline="always")(_by_dtype(False))

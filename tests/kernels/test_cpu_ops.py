@@ -81,8 +81,8 @@ def weights_as(w: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     return bits, bf16_bits_to_float(np, bits).astype(np.float64)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 576, 963), (2, 40, 3), (4, 17, 4), (6, 300, 9), (16, 576, 963),
-                                   (23, 1536, 576)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 576, 963), (1, 1536, 6), (1, 40, 5), (2, 40, 3), (4, 17, 4),
+                                   (6, 300, 9), (16, 576, 963), (23, 1536, 576)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matmul_nt(rng, m, k, n, threads, dtype):
