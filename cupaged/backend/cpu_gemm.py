@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
 from cupaged.backend.cpu_math import FASTMATH
-from cupaged.backend.cpu_simd import QBLOCK, dot_rows1, dot_rows4
+from cupaged.backend.cpu_simd import QBLOCK, TILE_LANES, TILE_N, dot_rows1, dot_rows4, tile
 
-PANEL_ROWS = 4 if llvm.get_host_cpu_features().get("avx512f") else 2  # rows of w per panel (see above)
+PANEL_ROWS = TILE_N  # rows of w per panel: 4 with AVX-512, 2 with AVX2 (see above)
 BLOCK_ROWS = 128  # rows of w per work item (~300 KB at K = 576 in float32: it stays in L2)
 
 
@@ -147,7 +146,11 @@ def _panel_rows(x, w, out, m0, m1, p):
     """out[m0:m1, PANEL_ROWS p : PANEL_ROWS (p+1)] (fewer columns for the last panel)."""
     n0 = PANEL_ROWS * p
     n1 = min(n0 + PANEL_ROWS, w.shape[0])
-    if m1 - m0 == 4 and n1 - n0 == 4:
+    if m1 - m0 == 4 and n1 - n0 == TILE_N and x.shape[1] % TILE_LANES == 0:
+        xs, ws, os = x.strides[0], w.strides[0], out.strides[0]
+        tile(w, x.ctypes.data + m0 * xs, xs, w.ctypes.data + n0 * ws, ws, x.shape[1] // TILE_LANES,
+             out.ctypes.data + m0 * os + n0 * 4, os)
+    elif m1 - m0 == 4 and n1 - n0 == 4:
         _tile4x4(x, w, out, m0, n0)
     elif m1 - m0 == 4 and n1 - n0 == 2:
         _tile4x2(x, w, out, m0, n0)

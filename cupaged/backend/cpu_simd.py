@@ -18,21 +18,38 @@ in the reference (`Q8Matrix.dequantize` then a float32 dot), summed in another o
 """
 from __future__ import annotations
 
+import llvmlite.binding as llvm
+import numba
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+
+
+def wide_vectors() -> bool:
+    """Whether Numba's code here has AVX-512's 32 vector registers: the host's features, or where
+    NUMBA_CPU_NAME names another CPU (to time AVX2 code on an AVX-512 host, say), NUMBA_CPU_FEATURES."""
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        return "+avx512f" in (numba.config.CPU_FEATURES or "")
+    return bool(llvm.get_host_cpu_features().get("avx512f"))
+
+
 LANES = 16
+TILE_LANES, TILE_N = (16, 4) if wide_vectors() else (8, 2)  # see _codegen_tile
 _OPAQUE = False  # typed-pointer IR names (llvm.prefetch.p0i8)
 QBLOCK = 32
 _F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_VF, _VB, _VH, _VI = (ir.VectorType(t, LANES) for t in (_F32, _I8, _I16, _I32))
+_VF = ir.VectorType(_F32, LANES)
+
+
+def _vec(elem, lanes: int = LANES) -> ir.VectorType:
+    return ir.VectorType(elem, lanes)
 
 
 def _fmuladd(builder: ir.IRBuilder, a, b, c):
-    """a * b + c, fused where the CPU has FMA (llvm.fmuladd)."""
-    name = f"llvm.fmuladd.v{LANES}f32"
-    fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(_VF, [_VF] * 3), name)
+    """a * b + c on float vectors, fused where the CPU has FMA (llvm.fmuladd)."""
+    name = f"llvm.fmuladd.v{a.type.count}f32"
+    fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
     return builder.call(fn, [a, b, c])
 
 
@@ -44,8 +61,8 @@ def _splat(builder: ir.IRBuilder, s):
 
 
 def _hsum(builder: ir.IRBuilder, v):
-    """The sum of a <16 x float>'s lanes, by halving (8 + 4 + 2 + 1)."""
-    n = LANES
+    """The sum of a float vector's lanes, by halving (16: 8 + 4 + 2 + 1)."""
+    n = v.type.count
     while n > 1:
         n //= 2
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
@@ -63,14 +80,15 @@ def _row_ptr(builder: ir.IRBuilder, base, stride, r: int, elem):
     return builder.inttoptr(builder.add(base, builder.mul(stride, ir.Constant(_I64, r))), elem.as_pointer())
 
 
-def _widened(builder: ir.IRBuilder, kind: str, row, off):
-    """16 weights of a row from element `off` on, as <16 x float>."""
+def _widened(builder: ir.IRBuilder, kind: str, row, off, lanes: int = LANES):
+    """`lanes` weights of a row from element `off` on, as a float32 vector."""
+    vf = _vec(_F32, lanes)
     if kind == "q8":
-        return builder.sitofp(_load(builder, row, off, _VB, 1), _VF)
+        return builder.sitofp(_load(builder, row, off, _vec(_I8, lanes), 1), vf)
     if kind == "bf16":  # the top half of a float32: zero-extend, shift left 16, bitcast
-        bits = builder.zext(_load(builder, row, off, _VH, 2), _VI)
-        return builder.bitcast(builder.shl(bits, ir.Constant(_VI, [16] * LANES)), _VF)
-    return _load(builder, row, off, _VF, 4)
+        bits = builder.zext(_load(builder, row, off, _vec(_I16, lanes), 2), _vec(_I32, lanes))
+        return builder.bitcast(builder.shl(bits, ir.Constant(_vec(_I32, lanes), [16] * lanes)), vf)
+    return _load(builder, row, off, vf, 4)
 
 
 PREFETCH_ROWS = 4  # how far ahead the row kernels prefetch: the same place, this many rows on
@@ -163,6 +181,84 @@ def _make(rows: int, kind: str):
 q8_rows1, q8_rows4 = _make(1, "q8"), _make(4, "q8")
 bf16_rows1, bf16_rows4 = _make(1, "bf16"), _make(4, "bf16")
 f32_rows1, f32_rows4 = _make(1, "f32"), _make(4, "f32")
+
+
+def _codegen_tile(mr: int, nr: int, kind: str, lanes: int):
+    """IR of an mr x nr tile, out[m, n] = x[m] . w[n] over K (a multiple of lanes): mr x nr vector
+    accumulators, each K step loading mr vectors of x and one widened vector of each w row, summed
+    across lanes once at the end. 4 x 4 x 16 lanes fills AVX-512's 32 registers to 21; 4 x 2 x 8 lanes
+    AVX2's 16 to 13 (the float32 tiles of cpu_gemm, which LLVM vectorizes at half AVX-512's width)."""
+    elem = {"bf16": _I16, "f32": _F32}[kind]
+    vf = _vec(_F32, lanes)
+
+    def codegen(context, builder, signature, args):
+        xp, x_stride, wp, w_stride, steps, outp, o_stride = args
+        xs = [_row_ptr(builder, xp, x_stride, m, _F32) for m in range(mr)]
+        ws = [_row_ptr(builder, wp, w_stride, n, elem) for n in range(nr)]
+        zero = ir.Constant(vf, None)
+        entry = builder.block
+        loop = builder.append_basic_block("tile.loop")
+        done = builder.append_basic_block("tile.done")
+        builder.cbranch(builder.icmp_signed(">", steps, ir.Constant(_I64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        i = builder.phi(_I64)
+        accs = [builder.phi(vf) for _ in range(mr * nr)]
+        off = builder.mul(i, ir.Constant(_I64, lanes))
+        xv = [_load(builder, xs[m], off, vf, 4) for m in range(mr)]
+        new = [None] * (mr * nr)
+        for n in range(nr):
+            wv = _widened(builder, kind, ws[n], off, lanes)
+            for m in range(mr):
+                new[m * nr + n] = _fmuladd(builder, xv[m], wv, accs[m * nr + n])
+        i_next = builder.add(i, ir.Constant(_I64, 1))
+        tail = builder.block
+        builder.cbranch(builder.icmp_signed("<", i_next, steps), loop, done)
+        i.add_incoming(ir.Constant(_I64, 0), entry)
+        i.add_incoming(i_next, tail)
+        for acc, nxt in zip(accs, new):
+            acc.add_incoming(zero, entry)
+            acc.add_incoming(nxt, tail)
+
+        builder.position_at_end(done)
+        finals = [builder.phi(vf) for _ in new]
+        for final, nxt in zip(finals, new):
+            final.add_incoming(zero, entry)
+            final.add_incoming(nxt, tail)
+        for m in range(mr):
+            row = _row_ptr(builder, outp, o_stride, m, _F32)
+            for n in range(nr):
+                builder.store(_hsum(builder, finals[m * nr + n]), builder.gep(row, [ir.Constant(_I64, n)]), align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def tile(w, xp, x_stride, wp, w_stride, steps, outp, o_stride):
+    """out[0:4, 0:TILE_N] = x[0:4] . w[0:TILE_N] over steps * TILE_LANES elements of K (strides in
+    bytes; x float32, w float32 or bf16 bits by w's dtype, out float32)."""
+    raise NotImplementedError("compiled only")
+
+
+def _tile_for(kind: str):
+    @intrinsic
+    def tile_kernel(typingctx, xp, x_stride, wp, w_stride, steps, outp, o_stride):
+        args = (xp, x_stride, wp, w_stride, steps, outp, o_stride)
+        if not all(isinstance(a, types.Integer) and a.bitwidth == 64 for a in args):
+            return None
+        return types.void(*args), _codegen_tile(4, TILE_N, kind, TILE_LANES)
+    return tile_kernel
+
+
+_tiles = {types.float32: _tile_for("f32"), types.uint16: _tile_for("bf16")}
+
+
+@overload(tile, inline="always")
+def _tile(w, xp, x_stride, wp, w_stride, steps, outp, o_stride):
+    fn = _tiles.get(w.dtype)
+    if fn is None:
+        return None
+    return lambda w, xp, x_stride, wp, w_stride, steps, outp, o_stride: fn(xp, x_stride, wp, w_stride, steps, outp,
+                                                                            o_stride)
 
 
 def dot_rows4(w, xp, wp, w_stride, nb, outp):
