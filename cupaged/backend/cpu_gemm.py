@@ -11,10 +11,12 @@ How, for M >= 2: each thread takes runs of panels of w (PANEL_ROWS rows each) st
 (no packing: a decode step reads the weights once) and multiplies them by every row of x, 4 rows
 of x by one panel at a time, each output a SIMD register of partial sums over K reduced at the
 end. The first 4 rows of x stream a run in address order; the others find it in L2. The panel is
-4 rows of w where the CPU has AVX-512 (32 vector registers hold 16 accumulators) and 2 with AVX2
-(16 registers: 4 x 4 accumulators spill, 4 x 2 do not; 1.5-2.5x faster at 512 rows on a Zen 3).
+4 rows of w where the CPU has AVX-512 (32 vector registers hold 16 accumulators; the tile is
+cpu_simd's explicit-SIMD one, ~1.3x the Numba tile there) and 2 with AVX2 (16 registers: 4 x 4
+accumulators spill, 4 x 2 do not; 1.5-2.5x faster at 512 rows on a Zen 3).
 For M == 1 (one decode stream) each thread walks its rows of w one after the other, one address-
-ordered stream: ~2x the GB/s of the panel walk with bf16 weights on the Zen 3, about even at float32.
+ordered stream, 4 rows at a time through cpu_simd's row kernel, which prefetches the next 4 rows
+(K a multiple of 32; otherwise the Numba loop `_rows_in_order`).
 """
 from __future__ import annotations
 
@@ -25,9 +27,13 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from cupaged.backend.cpu_math import FASTMATH
-from cupaged.backend.cpu_simd import QBLOCK, TILE_LANES, TILE_N, dot_rows1, dot_rows4, tile
+from cupaged.backend.cpu_simd import QBLOCK, TILE_LANES, TILE_N, dot_rows1, dot_rows4, tile, wide_vectors
 
 PANEL_ROWS = TILE_N  # rows of w per panel: 4 with AVX-512, 2 with AVX2 (see above)
+# cpu_simd's tile where the CPU has AVX-512 (LLVM vectorizes the Numba tiles at half its width);
+# with AVX2 the Numba 4 x 2 tile measured ~1.4x faster than the explicit one (Zen 3 code, timed on
+# the Intel Xeon with NUMBA_CPU_NAME=znver3)
+SIMD_TILES = wide_vectors()
 BLOCK_ROWS = 128  # rows of w per work item (~300 KB at K = 576 in float32: it stays in L2)
 
 
@@ -146,7 +152,7 @@ def _panel_rows(x, w, out, m0, m1, p):
     """out[m0:m1, PANEL_ROWS p : PANEL_ROWS (p+1)] (fewer columns for the last panel)."""
     n0 = PANEL_ROWS * p
     n1 = min(n0 + PANEL_ROWS, w.shape[0])
-    if m1 - m0 == 4 and n1 - n0 == TILE_N and x.shape[1] % TILE_LANES == 0:
+    if SIMD_TILES and m1 - m0 == 4 and n1 - n0 == 4 and x.shape[1] % TILE_LANES == 0:
         xs, ws, os = x.strides[0], w.strides[0], out.strides[0]
         tile(w, x.ctypes.data + m0 * xs, xs, w.ctypes.data + n0 * ws, ws, x.shape[1] // TILE_LANES,
              out.ctypes.data + m0 * os + n0 * 4, os)
