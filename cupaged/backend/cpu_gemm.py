@@ -27,7 +27,8 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from cupaged.backend.cpu_math import FASTMATH
-from cupaged.backend.cpu_simd import QBLOCK, TILE_LANES, TILE_N, dot_rows1, dot_rows4, tile, wide_vectors
+from cupaged.backend.cpu_simd import (QBLOCK, TILE_LANES, TILE_M, TILE_N, dot_rows1, dot_rows4, tile,
+                                      wide_vectors)
 
 PANEL_ROWS = TILE_N  # rows of w per panel: 4 with AVX-512, 2 with AVX2 (see above)
 # cpu_simd's tile where the CPU has AVX-512 (LLVM vectorizes the Numba tiles at half its width);
@@ -149,23 +150,27 @@ def _row_by_panel(x, w, out, m, n0, n1):
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def _panel_rows(x, w, out, m0, m1, p):
-    """out[m0:m1, PANEL_ROWS p : PANEL_ROWS (p+1)] (fewer columns for the last panel)."""
+    """out[m0:m1, PANEL_ROWS p : PANEL_ROWS (p+1)] (fewer columns for the last panel): one SIMD tile of
+    TILE_M rows where it fits, else 4-row Numba tiles, then a row at a time for the rest."""
     n0 = PANEL_ROWS * p
     n1 = min(n0 + PANEL_ROWS, w.shape[0])
-    if SIMD_TILES and m1 - m0 == 4 and n1 - n0 == 4 and x.shape[1] % TILE_LANES == 0:
+    if SIMD_TILES and m1 - m0 == TILE_M and n1 - n0 == 4 and x.shape[1] % TILE_LANES == 0:
         xs, ws, os = x.strides[0], w.strides[0], out.strides[0]
         tile(w, x.ctypes.data + m0 * xs, xs, w.ctypes.data + n0 * ws, ws, x.shape[1] // TILE_LANES,
              out.ctypes.data + m0 * os + n0 * 4, os)
-    elif m1 - m0 == 4 and n1 - n0 == 4:
-        _tile4x4(x, w, out, m0, n0)
-    elif m1 - m0 == 4 and n1 - n0 == 2:
-        _tile4x2(x, w, out, m0, n0)
-    elif n1 - n0 == 4:
-        for m in range(m0, m1):
-            _tile1x4(x, w, out, m, n0)
-    else:
-        for m in range(m0, m1):
-            _row_by_panel(x, w, out, m, n0, n1)
+        return
+    m = m0
+    while m + 4 <= m1 and n1 - n0 in (2, 4):
+        if n1 - n0 == 4:
+            _tile4x4(x, w, out, m, n0)
+        else:
+            _tile4x2(x, w, out, m, n0)
+        m += 4
+    for r in range(m, m1):
+        if n1 - n0 == 4:
+            _tile1x4(x, w, out, r, n0)
+        else:
+            _row_by_panel(x, w, out, r, n0, n1)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
@@ -232,9 +237,9 @@ def work_items(n_rows, threads):
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def sweep(x, w, out, p0, p1):
-    """out[:, panels p0:p1] = x @ those rows of w.T: every 4 rows of x sweep the whole run."""
+    """out[:, panels p0:p1] = x @ those rows of w.T: every TILE_M rows of x sweep the whole run."""
     m_n = x.shape[0]
-    for m0 in range(0, m_n, 4):
-        m1 = min(m0 + 4, m_n)
+    for m0 in range(0, m_n, TILE_M):
+        m1 = min(m0 + TILE_M, m_n)
         for p in range(p0, p1):
             _panel_rows(x, w, out, m0, m1, p)

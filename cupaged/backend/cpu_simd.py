@@ -14,7 +14,14 @@ pass over x, keeping everything in vector registers across blocks:
 
 x is read once for the R rows. The vectors are <16 x float>: one register with AVX-512, two with
 AVX2 (LLVM splits them), so one source serves both. The products are float32 with float32 sums, as
-in the reference (`Q8Matrix.dequantize` then a float32 dot), summed in another order.
+in the reference (`Q8Matrix.dequantize` then a float32 dot), summed in another order. The same
+generator makes the float32 and bf16 row kernels (`dot_rows1/4`, one-stream GEMV) and, for AVX-512,
+the GEMM's 4 x 4 tile (`tile`).
+
+A caveat for whoever edits this file: Numba's disk cache knows a function by its own source file,
+so kernels in cpu_gemm.py and cpu_quant.py that inline these intrinsics keep their cached code when
+only this file changes. Delete cupaged/backend/__pycache__/cpu_gemm.* and cpu_quant.* (or touch the
+two files) after a change here. An installed wheel is not affected (new files, new cache).
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ def wide_vectors() -> bool:
 
 
 LANES = 16
-TILE_LANES, TILE_N = (16, 4) if wide_vectors() else (8, 2)  # see _codegen_tile
+TILE_LANES, TILE_M, TILE_N = (16, 6, 4) if wide_vectors() else (8, 4, 2)  # see _codegen_tile
 _OPAQUE = False  # typed-pointer IR names (llvm.prefetch.p0i8)
 QBLOCK = 32
 _F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -186,8 +193,8 @@ f32_rows1, f32_rows4 = _make(1, "f32"), _make(4, "f32")
 def _codegen_tile(mr: int, nr: int, kind: str, lanes: int):
     """IR of an mr x nr tile, out[m, n] = x[m] . w[n] over K (a multiple of lanes): mr x nr vector
     accumulators, each K step loading mr vectors of x and one widened vector of each w row, summed
-    across lanes once at the end. 4 x 4 x 16 lanes fills AVX-512's 32 registers to 21; 4 x 2 x 8 lanes
-    AVX2's 16 to 13 (the float32 tiles of cpu_gemm, which LLVM vectorizes at half AVX-512's width)."""
+    across lanes once at the end. 6 x 4 x 16 lanes fills AVX-512's 32 registers to 31 (24 accumulators,
+    6 of x, 1 of w: 10 loads per 24 FMAs); 4 x 2 x 8 lanes would fill AVX2's 16 to 13."""
     elem = {"bf16": _I16, "f32": _F32}[kind]
     vf = _vec(_F32, lanes)
 
@@ -234,8 +241,8 @@ def _codegen_tile(mr: int, nr: int, kind: str, lanes: int):
 
 
 def tile(w, xp, x_stride, wp, w_stride, steps, outp, o_stride):
-    """out[0:4, 0:TILE_N] = x[0:4] . w[0:TILE_N] over steps * TILE_LANES elements of K (strides in
-    bytes; x float32, w float32 or bf16 bits by w's dtype, out float32)."""
+    """out[0:TILE_M, 0:TILE_N] = x[0:TILE_M] . w[0:TILE_N] over steps * TILE_LANES elements of K
+    (strides in bytes; x float32, w float32 or bf16 bits by w's dtype, out float32)."""
     raise NotImplementedError("compiled only")
 
 
@@ -245,7 +252,7 @@ def _tile_for(kind: str):
         args = (xp, x_stride, wp, w_stride, steps, outp, o_stride)
         if not all(isinstance(a, types.Integer) and a.bitwidth == 64 for a in args):
             return None
-        return types.void(*args), _codegen_tile(4, TILE_N, kind, TILE_LANES)
+        return types.void(*args), _codegen_tile(TILE_M, TILE_N, kind, TILE_LANES)
     return tile_kernel
 
 
