@@ -11,7 +11,11 @@ each sequence are cut into tiles of up to `ATTN_TILE` tokens; one work item is
 tile's tokens, so each K/V row is loaded once per item and reused by G * tile query rows
 from L1. Keys are visited block by block through the block table with an online softmax:
 per block, scores of the valid keys of one query row, one rescale of the accumulator, then
-the P @ V update. Items are spread over threads with `prange`; since the static schedule
+the P @ V update. A tile of 16 or more query rows (prefill) takes `_attend_tile_rows` where the
+CPU has AVX-512: it holds the rows transposed, [D, rows], so the scores of 16 rows x 4 keys come
+from broadcast FMAs with no sum across a vector per score (cpu_simd.scores4; 3x faster at a
+512-token prefill), and the softmax runs across rows. Items are spread over threads with
+`prange`; since the static schedule
 gives each thread a contiguous range, items are visited in a zig-zag order
 (0, n-1, 1, n-2, ...) so that the causal cost ramp of a long prefill is balanced.
 
@@ -26,8 +30,12 @@ import numba
 import numpy as np
 
 from cupaged.backend.cpu_math import FASTMATH, exp_f32
+from cupaged.backend.cpu_simd import SCORE_CHAINS, scores1, scores4, wide_vectors
 
 ATTN_TILE = 16  # new tokens per attention work item
+# tiles of >= 16 query rows (prefill) take _attend_tile_rows where the CPU has AVX-512: its 16 score
+# accumulators would spill AVX2's 16 registers (each <16 x float> is two of them there)
+ROWS_PATH = wide_vectors()
 
 
 # --- norms and activations ------------------------------------------------------------
@@ -235,6 +243,102 @@ def _attend_tile(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale, wind
             out[t0 + r // g_n, kvh * g_n + r % g_n, d] = acc[r, d] * inv
 
 
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _block_scores(qT, kb, kvh, ja, jb, sc):
+    """sc[j, :] = qT.T @ kb[j, kvh] for keys ja..jb-1 of a block: 16 rows x 4 keys per SIMD call."""
+    k_stride, d_n = kb.strides[0], qT.shape[0]
+    kp = kb.ctypes.data + kvh * kb.strides[1]
+    qp, q_stride, s_stride = qT.ctypes.data, qT.strides[0], sc.strides[0]
+    for c in range(0, qT.shape[1], 16):
+        j = ja
+        while j + 4 <= jb:
+            scores4(qp + 4 * c, q_stride, kp + j * k_stride, k_stride, d_n, sc.ctypes.data + j * s_stride + 4 * c,
+                    s_stride)
+            j += 4
+        for jj in range(j, jb):
+            scores1(qp + 4 * c, q_stride, kp + jj * k_stride, k_stride, d_n, sc.ctypes.data + jj * s_stride + 4 * c,
+                    s_stride)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _softmax_block(sc, pos, base, ja, jb, window, m, l, alpha):
+    """Online softmax over keys ja..jb-1 (positions base + j) for every row r (at position pos[r]):
+    masks what r may not see, updates its running max m[r] and sum l[r], sets alpha[r] (how much its
+    accumulator shrinks) and turns sc[j, r] into the key's weight (0 where masked)."""
+    rp = sc.shape[1]
+    ninf = np.float32(-np.inf)
+    bm = np.full(rp, ninf, np.float32)
+    for j in range(ja, jb):
+        kpos = base + j
+        srow = sc[j]
+        for r in range(rp):
+            hidden = kpos > pos[r] or (window > 0 and kpos <= pos[r] - window)
+            v = ninf if hidden else srow[r]
+            srow[r] = v
+            bm[r] = max(bm[r], v)
+    for r in range(rp):
+        mn = max(m[r], bm[r])
+        alpha[r] = exp_f32(m[r] - mn) if m[r] > ninf else np.float32(0.0)
+        m[r] = mn
+        l[r] *= alpha[r]
+    for j in range(ja, jb):
+        srow = sc[j]
+        for r in range(rp):
+            v = srow[r]
+            w = exp_f32(v - m[r]) if v > ninf else np.float32(0.0)
+            srow[r] = w
+            l[r] += w
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _attend_tile_rows(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale, window, out):
+    """_attend_tile for tiles of >= 16 query rows (prefill): scores as 16-row x 4-key SIMD blocks against
+    the rows held transposed (cpu_simd.scores4: no sum across lanes per score), the online softmax
+    vectorized across rows, then P @ V four keys at a time."""
+    d_n, bs = q.shape[2], k_cache.shape[1]
+    g_n = q.shape[1] // k_cache.shape[2]
+    rows = (t1 - t0) * g_n
+    rp = (rows + 15) // 16 * 16
+    qT = np.zeros((d_n, rp), np.float32)  # [D, rows]; padding rows stay 0 and see no key (pos -1)
+    pos = np.full(rp, -1, np.int64)
+    for r in range(rows):
+        pos[r] = first_pos + r // g_n
+        for d in range(d_n):
+            qT[d, r] = q[t0 + r // g_n, kvh * g_n + r % g_n, d] * scale
+    acc = np.zeros((rp, d_n), np.float32)
+    m = np.full(rp, -np.inf, np.float32)
+    l = np.zeros(rp, np.float32)
+    alpha = np.empty(rp, np.float32)
+    sc = np.empty((bs, rp), np.float32)
+    last_pos = first_pos + t1 - t0 - 1
+    lo = max(0, first_pos - window + 1) if window > 0 else 0
+    for bi in range(lo // bs, last_pos // bs + 1):
+        base = bi * bs
+        ja, jb = max(0, lo - base), min(bs, last_pos + 1 - base)
+        kb, vb = k_cache[table[bi]], v_cache[table[bi]]
+        _block_scores(qT, kb, kvh, ja, jb, sc)
+        _softmax_block(sc, pos, base, ja, jb, window, m, l, alpha)
+        for r in range(rows):
+            a, al = acc[r], alpha[r]
+            for d in range(d_n):
+                a[d] *= al
+            j = ja
+            while j + 4 <= jb:
+                p0, p1, p2, p3 = sc[j, r], sc[j + 1, r], sc[j + 2, r], sc[j + 3, r]
+                v0, v1, v2, v3 = vb[j, kvh], vb[j + 1, kvh], vb[j + 2, kvh], vb[j + 3, kvh]
+                for d in range(d_n):
+                    a[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+                j += 4
+            for jj in range(j, jb):
+                p, vj = sc[jj, r], vb[jj, kvh]
+                for d in range(d_n):
+                    a[d] += p * vj[d]
+    for r in range(rows):
+        inv = np.float32(1.0) / l[r] if l[r] > 0 else np.float32(0.0)
+        for d in range(d_n):
+            out[t0 + r // g_n, kvh * g_n + r % g_n, d] = acc[r, d] * inv
+
+
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, window, out):
     """q [T, Hq, D] -> out [T, Hq, D] (rows past query_start_loc[-1] are zeroed).
@@ -251,4 +355,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         b, t0, t1 = tiles[i // hk, 0], tiles[i // hk, 1], tiles[i // hk, 2]
         q_len = query_start_loc[b + 1] - query_start_loc[b]
         first_pos = seq_lens[b] - q_len + (t0 - query_start_loc[b])
-        _attend_tile(q, k_cache, v_cache, block_tables[b], first_pos, t0, t1, i % hk, scale, window, out)
+        if ROWS_PATH and (t1 - t0) * (q.shape[1] // hk) >= 16 and q.shape[2] % SCORE_CHAINS == 0:
+            _attend_tile_rows(q, k_cache, v_cache, block_tables[b], first_pos, t0, t1, i % hk, scale, window, out)
+        else:
+            _attend_tile(q, k_cache, v_cache, block_tables[b], first_pos, t0, t1, i % hk, scale, window, out)

@@ -290,3 +290,72 @@ def _by_dtype(four: bool):
 
 overload(dot_rows4, inline="always")(_by_dtype(True))
 overload(dot_rows1, inline="always")(_by_dtype(False))
+
+
+SCORE_CHAINS = 4  # partial sums per score, over d = 0, 1, 2, 3 (mod 4): 4x shorter float32 chains
+
+
+def _codegen_scores(keys: int):
+    """IR of s[j, 0:16] = sum over d of qT[d, 0:16] * k_j[d], j < keys: 16 query rows (a vector) against
+    `keys` keys at once, one broadcast of k_j[d] per FMA, no sum across lanes (qT holds the rows
+    transposed, [D, rows]). Each score keeps SCORE_CHAINS partial sums (d mod 4), added at the end:
+    one chain of 64 float32 FMAs per score lost the float64 reference's 1e-5 at scores of a few hundred.
+    d_n must be a multiple of SCORE_CHAINS."""
+    chains = SCORE_CHAINS
+
+    def codegen(context, builder, signature, args):
+        qp, q_stride, kp, k_stride, d_n, sp, s_stride = args
+        ks = [_row_ptr(builder, kp, k_stride, j, _F32) for j in range(keys)]
+        zero = ir.Constant(_VF, None)
+        entry = builder.block
+        loop = builder.append_basic_block("qk.loop")
+        done = builder.append_basic_block("qk.done")
+        builder.cbranch(builder.icmp_signed(">", d_n, ir.Constant(_I64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        d = builder.phi(_I64)
+        accs = [builder.phi(_VF) for _ in range(keys * chains)]
+        new = []
+        for c in range(chains):
+            dc = builder.add(d, ir.Constant(_I64, c))
+            qv = builder.load(builder.inttoptr(builder.add(qp, builder.mul(dc, q_stride)), _VF.as_pointer()), align=4)
+            for j in range(keys):
+                kd = _splat(builder, builder.load(builder.gep(ks[j], [dc]), align=4))
+                new.append(_fmuladd(builder, qv, kd, accs[c * keys + j]))
+        d_next = builder.add(d, ir.Constant(_I64, chains))
+        tail = builder.block
+        builder.cbranch(builder.icmp_signed("<", d_next, d_n), loop, done)
+        d.add_incoming(ir.Constant(_I64, 0), entry)
+        d.add_incoming(d_next, tail)
+        for acc, nxt in zip(accs, new):
+            acc.add_incoming(zero, entry)
+            acc.add_incoming(nxt, tail)
+
+        builder.position_at_end(done)
+        finals = [builder.phi(_VF) for _ in new]
+        for final, nxt in zip(finals, new):
+            final.add_incoming(zero, entry)
+            final.add_incoming(nxt, tail)
+        for j in range(keys):
+            parts = [finals[c * keys + j] for c in range(chains)]
+            while len(parts) > 1:  # pairwise
+                parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+            builder.store(parts[0], builder.inttoptr(builder.add(sp, builder.mul(s_stride, ir.Constant(_I64, j))),
+                                                     _VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _make_scores(keys: int):
+    @intrinsic
+    def scores(typingctx, qp, q_stride, kp, k_stride, d_n, sp, s_stride):
+        """s_j[0:16] = qT[:, 0:16] . k_j for j < keys: qT float32 rows of 16 at qp + d * q_stride, key j's
+        float32 [d_n] at kp + j * k_stride, s_j at sp + j * s_stride (strides in bytes)."""
+        args = (qp, q_stride, kp, k_stride, d_n, sp, s_stride)
+        if not all(isinstance(a, types.Integer) and a.bitwidth == 64 for a in args):
+            return None
+        return types.void(*args), _codegen_scores(keys)
+    return scores
+
+
+scores1, scores4 = _make_scores(1), _make_scores(4)

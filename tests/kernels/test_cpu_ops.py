@@ -342,6 +342,22 @@ def test_paged_attention_large_values_stay_finite(ops, rng):
     check_attention(ops, q, kc, vc, meta)
 
 
+@pytest.mark.parametrize("window", [0, 21])
+@pytest.mark.parametrize("hq,hk,d", [(8, 2, 64), (9, 3, 80)])
+def test_both_attention_tiles_whatever_the_host(rng, window, hq, hk, d):
+    # paged_attention takes _attend_tile_rows for prefill tiles with AVX-512 and _attend_tile without:
+    # check both here against the float64 reference, one 16-token tile on 50 cached + 20 new tokens
+    from cupaged.backend.cpu_kernels import _attend_tile, _attend_tile_rows
+    q, kc, vc, meta, _, _ = make_batch(rng, [(70, 20)], hq, hk, d, 16)
+    scale = 1.0 / np.sqrt(d)
+    want = ref.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, window)
+    for tile in (_attend_tile, _attend_tile_rows):
+        out = np.full(q.shape, np.nan, F32)
+        for kvh in range(hk):
+            tile(q, kc, vc, meta.block_tables[0], 50, 0, 16, kvh, F32(scale), window, out)
+        np.testing.assert_allclose(out[:16], want[:16], rtol=RTOL, atol=ATOL)
+
+
 def test_reference_paged_matches_contiguous(rng):
     """The paged reference and a dense-masked reference agree (checks the test fixture)."""
     seqs = mixed_seqs(8)
