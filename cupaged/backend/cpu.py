@@ -30,7 +30,7 @@ from cupaged.backend.cpu_quant import Q8Matrix, matmul_q8, quantize_q8_0
 from cupaged.backend.host_sampling import top_k_top_p_keep
 from cupaged.backend.ops import Array, AttnMetadata, Ops, check_swap
 from cupaged.errors import InvalidRequestError
-from cupaged.util import bf16_bits_to_float, float_to_bf16_bits
+from cupaged.util import aligned, aligned_empty, bf16_bits_to_float, float_to_bf16_bits
 
 _I32 = np.int32
 GEMMS = ("numba", "blas")  # CpuOps(gemm=...) / $CUPAGED_CPU_GEMM
@@ -54,11 +54,14 @@ def kernels_cached() -> bool:
         return True
 
 
+_ALIGN_FROM = 64 << 10  # bytes: arrays from this size on are kept cache-line aligned
+
+
 def _to_bf16_in_chunks(x: Any, chunk: int = 1 << 20) -> np.ndarray:
     """float values -> bf16 bits, converted a million elements at a time so the temporaries stay small
     (the embedding table would otherwise need three float32-sized ones)."""
     x = np.ascontiguousarray(x)
-    out = np.empty(x.shape, np.uint16)
+    out = aligned_empty(x.shape, np.uint16)
     src, dst = x.reshape(-1), out.reshape(-1)
     for start in range(0, src.size, chunk):
         dst[start:start + chunk] = float_to_bf16_bits(np, src[start:start + chunk])
@@ -92,13 +95,17 @@ class CpuOps(Ops):
 
     # --- arrays -----------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Array:
-        """A C-contiguous numpy array of `x`; no copy when `x` already is one of that dtype. dtype
+        """A C-contiguous numpy array of `x`; no copy when `x` already is one of that dtype and, from
+        64 KiB on, starts on a 64-byte boundary (else an aligned copy). dtype
         "bfloat16": float values -> bf16 bits (uint16), rounded to nearest even."""
         if isinstance(dtype, str) and dtype == BF16:
             return _to_bf16_in_chunks(x)
         if isinstance(dtype, str) and dtype == Q8_0:
             return quantize_q8_0(x)
-        return np.ascontiguousarray(x, dtype=dtype)
+        out = np.ascontiguousarray(x, dtype=dtype)
+        # a weight matrix (or any large array) starts on a cache line: the GEMM's vector loads need it
+        # (util.aligned_empty); a view of the loader's mapping is copied, and the loader drops its pages
+        return aligned(out) if out.nbytes >= _ALIGN_FROM else out
 
     def to_numpy(self, x: Array) -> Any:
         """`x` as a numpy.ndarray (no copy)."""
@@ -151,7 +158,7 @@ class CpuOps(Ops):
         """By `cpu_gemm.matmul_nt` (which says why not NumPy's BLAS), `cpu_quant.matmul_q8`, or NumPy's
         matmul for float32 weights with gemm="blas"."""
         threads = numba.get_num_threads()
-        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        out = aligned_empty((x.shape[0], weight.shape[0]), np.float32)
         if isinstance(weight, Q8Matrix):
             matmul_q8(x, weight.q, weight.scale, out, threads)
         elif weight.dtype == np.uint16:  # bf16 bits
@@ -164,13 +171,13 @@ class CpuOps(Ops):
 
     def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
         """x [T, H], weight [H] -> new [T, H]."""
-        out = np.empty(x.shape, dtype=x.dtype)
+        out = aligned_empty(x.shape, x.dtype)
         K.rms_norm(x, weight, np.float32(eps), out)
         return out
 
     def fused_add_rms_norm(self, x: Array, residual: Array, weight: Array, eps: float) -> Array:
         """residual [T, H] += x in place; returns rms_norm(residual), a new [T, H]."""
-        out = np.empty(residual.shape, dtype=residual.dtype)
+        out = aligned_empty(residual.shape, residual.dtype)
         K.fused_add_rms_norm(x, residual, weight, np.float32(eps), out)
         return out
 
@@ -182,7 +189,7 @@ class CpuOps(Ops):
         """x [T, 2I] -> new [T, I] = silu(gate) * up (cpu_math.silu_and_mul: a vectorized exp)."""
         if x.shape[1] % 2:
             raise ValueError(f"silu_and_mul: x has an odd width {x.shape[1]}")
-        out = np.empty((x.shape[0], x.shape[1] // 2), dtype=np.float32)
+        out = aligned_empty((x.shape[0], x.shape[1] // 2), np.float32)
         silu_and_mul(np.ascontiguousarray(x, dtype=np.float32), out)
         return out
 
@@ -200,7 +207,7 @@ class CpuOps(Ops):
         t_n, hq, d_n = q.shape
         if k_cache.shape[3] != d_n or hq % k_cache.shape[2]:
             raise ValueError(f"q {q.shape} does not fit cache {k_cache.shape}")
-        out = np.empty((t_n, hq, d_n), dtype=np.float32)
+        out = aligned_empty((t_n, hq, d_n), np.float32)
         K.paged_attention(np.ascontiguousarray(q), k_cache, v_cache, _i32(meta.block_tables),
                           _i32(meta.seq_lens), _i32(meta.query_start_loc), np.float32(scale),
                           int(sliding_window), out)

@@ -22,6 +22,7 @@ import numpy as np
 from cupaged.backend.cpu_gemm import PANEL_ROWS, sweep, work_items
 from cupaged.backend.cpu_math import FASTMATH
 from cupaged.backend.cpu_simd import QBLOCK, q8_rows1, q8_rows4  # QBLOCK: weights per scale, along K
+from cupaged.util import aligned_empty
 
 SIMD_ROWS = 4  # up to this many rows of x, the rows-in-order SIMD walk; more: widen, then float32 tiles
 
@@ -69,7 +70,7 @@ def quantize_q8_0(w, chunk_rows: int = 4096) -> Q8Matrix:
     n, k = w.shape
     if k % QBLOCK:
         raise ValueError(f"q8_0 needs K a multiple of {QBLOCK}, got a [{n}, {k}] matrix")
-    q, scale = np.empty((n, k), np.int8), np.empty((n, k // QBLOCK), np.float32)
+    q, scale = aligned_empty((n, k), np.int8), aligned_empty((n, k // QBLOCK), np.float32)
     for r in range(0, n, chunk_rows):
         blocks = np.asarray(w[r:r + chunk_rows], np.float32).reshape(-1, k // QBLOCK, QBLOCK)
         s = np.abs(blocks).max(axis=2) / 127
@@ -125,6 +126,8 @@ def matmul_q8(x, q, scale, out, threads):
         p0 = blk * n_panels // n_blocks
         p1 = (blk + 1) * n_panels // n_blocks
         r0, r1 = p0 * PANEL_ROWS, min(p1 * PANEL_ROWS, n_rows)
-        buf = np.empty((r1 - r0, k), np.float32)
+        raw = np.empty((r1 - r0) * k + 16, np.float32)
+        start = (-raw.ctypes.data % 64) // 4  # on a cache line, for the tile's vector loads
+        buf = raw[start:start + (r1 - r0) * k].reshape(r1 - r0, k)
         _widen_rows(q, scale, r0, r1, buf)
         sweep(x, buf, out[:, r0:r1], 0, p1 - p0)

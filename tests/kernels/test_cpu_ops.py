@@ -426,3 +426,23 @@ def test_kernels_load_from_disk_cache_in_a_second_process(tmp_path):
     second = run()
     assert min(second["hits"]) >= 1 and max(second["misses"]) == 0
     assert second["cached_before"]
+
+
+def test_large_arrays_start_on_a_cache_line(rng):
+    """The GEMM's AVX-512 loads want 64-byte aligned rows: asarray aligns arrays from 64 KiB on (a
+    copy only when needed), and the ops that feed a GEMM return aligned outputs."""
+    from cupaged.util import aligned_empty
+    ops = CpuOps()
+    raw = np.empty(300 * 64 + 4, F32)
+    x = raw[1:].reshape(300, 64)  # 4 bytes past NumPy's own (16-byte) alignment
+    x[...] = randn(rng, 300, 64)
+    got = ops.asarray(x, F32)
+    assert got.ctypes.data % 64 == 0 and np.array_equal(got, x) and not np.shares_memory(got, x)
+    assert ops.asarray(got, F32) is got
+    small = x[:2]
+    assert np.shares_memory(ops.asarray(small, F32), x)
+    e = aligned_empty((3, 5, 7), np.uint16)
+    assert e.shape == (3, 5, 7) and e.dtype == np.uint16 and e.ctypes.data % 64 == 0 and e.flags.c_contiguous
+    w = ops.asarray(randn(rng, 70, 64), F32)
+    for out in (ops.linear(got, w), ops.rms_norm(got, randn(rng, 64), 1e-6), ops.silu_and_mul(got)):
+        assert out.ctypes.data % 64 == 0
