@@ -434,7 +434,7 @@ def test_large_arrays_start_on_a_cache_line(rng):
     from cupaged.util import aligned_empty
     ops = CpuOps()
     raw = np.empty(300 * 64 + 4, F32)
-    x = raw[1:].reshape(300, 64)  # 4 bytes past NumPy's own (16-byte) alignment
+    x = raw[1:1 + 300 * 64].reshape(300, 64)  # 4 bytes past NumPy's own (16-byte) alignment
     x[...] = randn(rng, 300, 64)
     got = ops.asarray(x, F32)
     assert got.ctypes.data % 64 == 0 and np.array_equal(got, x) and not np.shares_memory(got, x)
