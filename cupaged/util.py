@@ -31,23 +31,29 @@ def bf16_bits_to_float(xp, bits) -> Any:
 ALIGN = 64  # bytes: a cache line, and one AVX-512 vector
 
 
+ALIGN_FROM = 64 << 10  # bytes: smaller arrays are left where NumPy puts them (see aligned_empty)
+
+
 def aligned_empty(shape, dtype) -> Any:
-    """numpy.empty whose data starts on an ALIGN-byte boundary. NumPy's own allocations start on 16
-    bytes; an AVX-512 load from such an array crosses a cache line every time and costs two, which took
-    the CPU GEMM's tiles from ~165 to ~120 GF/s (512 rows, Intel Xeon)."""
+    """numpy.empty whose data starts on an ALIGN-byte boundary when it holds ALIGN_FROM bytes or more.
+    NumPy's own allocations start on 16 bytes; an AVX-512 load from such an array crosses a cache line
+    every time and costs two, which took the CPU GEMM's tiles from ~165 to ~120 GF/s (512 rows, Intel
+    Xeon). Aligning costs ~7 us (numpy's ctypes view), more than a decode step's small arrays gain,
+    so those get a plain numpy.empty."""
     import numpy as np
 
-    dtype = np.dtype(dtype)
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGN, np.uint8)
+    out = np.empty(shape, dtype)  # the common, small case at its cheapest (~0.3 us)
+    if out.nbytes < ALIGN_FROM:
+        return out
+    raw = np.empty(out.nbytes + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start:start + out.nbytes].view(out.dtype).reshape(out.shape)
 
 
 def aligned(x) -> Any:
-    """x itself when its data starts on an ALIGN-byte boundary, else an aligned C-contiguous copy."""
-    if x.ctypes.data % ALIGN == 0 and x.flags.c_contiguous:
+    """x itself when it is C-contiguous and either small (under ALIGN_FROM bytes) or starts on an
+    ALIGN-byte boundary, else an aligned C-contiguous copy."""
+    if x.flags.c_contiguous and (x.nbytes < ALIGN_FROM or x.ctypes.data % ALIGN == 0):
         return x
     out = aligned_empty(x.shape, x.dtype)
     out[...] = x

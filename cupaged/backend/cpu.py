@@ -54,8 +54,6 @@ def kernels_cached() -> bool:
         return True
 
 
-_ALIGN_FROM = 64 << 10  # bytes: arrays from this size on are kept cache-line aligned
-
 
 def _to_bf16_in_chunks(x: Any, chunk: int = 1 << 20) -> np.ndarray:
     """float values -> bf16 bits, converted a million elements at a time so the temporaries stay small
@@ -105,7 +103,7 @@ class CpuOps(Ops):
         out = np.ascontiguousarray(x, dtype=dtype)
         # a weight matrix (or any large array) starts on a cache line: the GEMM's vector loads need it
         # (util.aligned_empty); a view of the loader's mapping is copied, and the loader drops its pages
-        return aligned(out) if out.nbytes >= _ALIGN_FROM else out
+        return aligned(out)
 
     def to_numpy(self, x: Array) -> Any:
         """`x` as a numpy.ndarray (no copy)."""
