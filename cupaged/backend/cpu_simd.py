@@ -114,6 +114,35 @@ def _prefetch(builder: ir.IRBuilder, row, off, w_stride, elem) -> None:
     builder.call(fn, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
 
+def _accumulate(builder: ir.IRBuilder, count, step: int, n_acc: int, vtype, body) -> list:
+    """The loop every kernel here is: for i = 0, step, 2 step, ... < count, accumulators = body(i,
+    accumulators), all kept in registers (phi nodes), starting from zeros. Returns their final values
+    (zeros when count <= 0), with the builder after the loop."""
+    zero = ir.Constant(vtype, None)
+    entry = builder.block
+    loop = builder.append_basic_block("simd.loop")
+    done = builder.append_basic_block("simd.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(_I64, 0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(_I64)
+    accs = [builder.phi(vtype) for _ in range(n_acc)]
+    new = body(i, accs)
+    i_next = builder.add(i, ir.Constant(_I64, step))
+    tail = builder.block
+    builder.cbranch(builder.icmp_signed("<", i_next, count), loop, done)
+    i.add_incoming(ir.Constant(_I64, 0), entry)
+    i.add_incoming(i_next, tail)
+    for acc, nxt in zip(accs, new):
+        acc.add_incoming(zero, entry)
+        acc.add_incoming(nxt, tail)
+    builder.position_at_end(done)
+    finals = [builder.phi(vtype) for _ in new]  # phis first: LLVM wants them at the block's top
+    for final, nxt in zip(finals, new):
+        final.add_incoming(zero, entry)
+        final.add_incoming(nxt, tail)
+    return finals
+
+
 def _codegen_rows(rows: int, kind: str):
     """IR of `rows` dot products over nb blocks of 32 (see the module docstring). q8: one accumulator
     per row, each block's 32 products scaled by the block's scale; bf16 and f32: two per row (one per
@@ -126,44 +155,26 @@ def _codegen_rows(rows: int, kind: str):
         ws = [_row_ptr(builder, wp, w_stride, r, elem) for r in range(rows)]
         ss = [_row_ptr(builder, sp, s_stride, r, _F32) for r in range(rows)] if kind == "q8" else []
         per_row = 1 if kind == "q8" else 2
-        zero = ir.Constant(_VF, None)
-        entry = builder.block
-        loop = builder.append_basic_block(f"{kind}.loop")
-        done = builder.append_basic_block(f"{kind}.done")
-        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(_I64, 0)), loop, done)
 
-        builder.position_at_end(loop)
-        b = builder.phi(_I64)
-        accs = [builder.phi(_VF) for _ in range(rows * per_row)]
-        off = builder.mul(b, ir.Constant(_I64, QBLOCK))
-        off2 = builder.add(off, ir.Constant(_I64, LANES))
-        x0, x1 = _load(builder, x, off, _VF, 4), _load(builder, x, off2, _VF, 4)
-        new = []
-        for r in range(rows):
-            _prefetch(builder, ws[r], off, w_stride, elem)
-            if kind == "f32":  # 32 float32 weights span two cache lines
-                _prefetch(builder, ws[r], off2, w_stride, elem)
-            w0, w1 = _widened(builder, kind, ws[r], off), _widened(builder, kind, ws[r], off2)
-            if kind == "q8":
-                t = _fmuladd(builder, x1, w1, builder.fmul(x0, w0))
-                s = builder.load(builder.gep(ss[r], [b]), align=4)
-                new.append(_fmuladd(builder, t, _splat(builder, s), accs[r]))
-            else:
-                new += [_fmuladd(builder, x0, w0, accs[2 * r]), _fmuladd(builder, x1, w1, accs[2 * r + 1])]
-        b_next = builder.add(b, ir.Constant(_I64, 1))
-        tail = builder.block
-        builder.cbranch(builder.icmp_signed("<", b_next, nb), loop, done)
-        b.add_incoming(ir.Constant(_I64, 0), entry)
-        b.add_incoming(b_next, tail)
-        for acc, nxt in zip(accs, new):
-            acc.add_incoming(zero, entry)
-            acc.add_incoming(nxt, tail)
+        def body(b, accs):
+            off = builder.mul(b, ir.Constant(_I64, QBLOCK))
+            off2 = builder.add(off, ir.Constant(_I64, LANES))
+            x0, x1 = _load(builder, x, off, _VF, 4), _load(builder, x, off2, _VF, 4)
+            new = []
+            for r in range(rows):
+                _prefetch(builder, ws[r], off, w_stride, elem)
+                if kind == "f32":  # 32 float32 weights span two cache lines
+                    _prefetch(builder, ws[r], off2, w_stride, elem)
+                w0, w1 = _widened(builder, kind, ws[r], off), _widened(builder, kind, ws[r], off2)
+                if kind == "q8":
+                    t = _fmuladd(builder, x1, w1, builder.fmul(x0, w0))
+                    s = builder.load(builder.gep(ss[r], [b]), align=4)
+                    new.append(_fmuladd(builder, t, _splat(builder, s), accs[r]))
+                else:
+                    new += [_fmuladd(builder, x0, w0, accs[2 * r]), _fmuladd(builder, x1, w1, accs[2 * r + 1])]
+            return new
 
-        builder.position_at_end(done)
-        finals = [builder.phi(_VF) for _ in new]  # phis first: LLVM wants them at the block's top
-        for final, nxt in zip(finals, new):
-            final.add_incoming(zero, entry)
-            final.add_incoming(nxt, tail)
+        finals = _accumulate(builder, nb, 1, rows * per_row, _VF, body)
         out = builder.inttoptr(outp, _F32.as_pointer())
         for r in range(rows):
             v = finals[r] if per_row == 1 else builder.fadd(finals[2 * r], finals[2 * r + 1])
@@ -202,36 +213,18 @@ def _codegen_tile(mr: int, nr: int, kind: str, lanes: int):
         xp, x_stride, wp, w_stride, steps, outp, o_stride = args
         xs = [_row_ptr(builder, xp, x_stride, m, _F32) for m in range(mr)]
         ws = [_row_ptr(builder, wp, w_stride, n, elem) for n in range(nr)]
-        zero = ir.Constant(vf, None)
-        entry = builder.block
-        loop = builder.append_basic_block("tile.loop")
-        done = builder.append_basic_block("tile.done")
-        builder.cbranch(builder.icmp_signed(">", steps, ir.Constant(_I64, 0)), loop, done)
 
-        builder.position_at_end(loop)
-        i = builder.phi(_I64)
-        accs = [builder.phi(vf) for _ in range(mr * nr)]
-        off = builder.mul(i, ir.Constant(_I64, lanes))
-        xv = [_load(builder, xs[m], off, vf, 4) for m in range(mr)]
-        new = [None] * (mr * nr)
-        for n in range(nr):
-            wv = _widened(builder, kind, ws[n], off, lanes)
-            for m in range(mr):
-                new[m * nr + n] = _fmuladd(builder, xv[m], wv, accs[m * nr + n])
-        i_next = builder.add(i, ir.Constant(_I64, 1))
-        tail = builder.block
-        builder.cbranch(builder.icmp_signed("<", i_next, steps), loop, done)
-        i.add_incoming(ir.Constant(_I64, 0), entry)
-        i.add_incoming(i_next, tail)
-        for acc, nxt in zip(accs, new):
-            acc.add_incoming(zero, entry)
-            acc.add_incoming(nxt, tail)
+        def body(i, accs):
+            off = builder.mul(i, ir.Constant(_I64, lanes))
+            xv = [_load(builder, xs[m], off, vf, 4) for m in range(mr)]
+            new = [None] * (mr * nr)
+            for n in range(nr):
+                wv = _widened(builder, kind, ws[n], off, lanes)
+                for m in range(mr):
+                    new[m * nr + n] = _fmuladd(builder, xv[m], wv, accs[m * nr + n])
+            return new
 
-        builder.position_at_end(done)
-        finals = [builder.phi(vf) for _ in new]
-        for final, nxt in zip(finals, new):
-            final.add_incoming(zero, entry)
-            final.add_incoming(nxt, tail)
+        finals = _accumulate(builder, steps, 1, mr * nr, vf, body)
         for m in range(mr):
             row = _row_ptr(builder, outp, o_stride, m, _F32)
             for n in range(nr):
@@ -306,36 +299,19 @@ def _codegen_scores(keys: int):
     def codegen(context, builder, signature, args):
         qp, q_stride, kp, k_stride, d_n, sp, s_stride = args
         ks = [_row_ptr(builder, kp, k_stride, j, _F32) for j in range(keys)]
-        zero = ir.Constant(_VF, None)
-        entry = builder.block
-        loop = builder.append_basic_block("qk.loop")
-        done = builder.append_basic_block("qk.done")
-        builder.cbranch(builder.icmp_signed(">", d_n, ir.Constant(_I64, 0)), loop, done)
 
-        builder.position_at_end(loop)
-        d = builder.phi(_I64)
-        accs = [builder.phi(_VF) for _ in range(keys * chains)]
-        new = []
-        for c in range(chains):
-            dc = builder.add(d, ir.Constant(_I64, c))
-            qv = builder.load(builder.inttoptr(builder.add(qp, builder.mul(dc, q_stride)), _VF.as_pointer()), align=4)
-            for j in range(keys):
-                kd = _splat(builder, builder.load(builder.gep(ks[j], [dc]), align=4))
-                new.append(_fmuladd(builder, qv, kd, accs[c * keys + j]))
-        d_next = builder.add(d, ir.Constant(_I64, chains))
-        tail = builder.block
-        builder.cbranch(builder.icmp_signed("<", d_next, d_n), loop, done)
-        d.add_incoming(ir.Constant(_I64, 0), entry)
-        d.add_incoming(d_next, tail)
-        for acc, nxt in zip(accs, new):
-            acc.add_incoming(zero, entry)
-            acc.add_incoming(nxt, tail)
+        def body(d, accs):
+            new = []
+            for c in range(chains):
+                dc = builder.add(d, ir.Constant(_I64, c))
+                qv = builder.load(builder.inttoptr(builder.add(qp, builder.mul(dc, q_stride)), _VF.as_pointer()),
+                                  align=4)
+                for j in range(keys):
+                    kd = _splat(builder, builder.load(builder.gep(ks[j], [dc]), align=4))
+                    new.append(_fmuladd(builder, qv, kd, accs[c * keys + j]))
+            return new
 
-        builder.position_at_end(done)
-        finals = [builder.phi(_VF) for _ in new]
-        for final, nxt in zip(finals, new):
-            final.add_incoming(zero, entry)
-            final.add_incoming(nxt, tail)
+        finals = _accumulate(builder, d_n, chains, keys * chains, _VF, body)
         for j in range(keys):
             parts = [finals[c * keys + j] for c in range(chains)]
             while len(parts) > 1:  # pairwise
