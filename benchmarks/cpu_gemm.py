@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_gemm.py                 # rows 1, 16, 64, 2048; float32 and bfloat16 weights
     python benchmarks/cpu_gemm.py --rows 1 16 --cold
+    python benchmarks/cpu_gemm.py --rows 512 --dtypes float32 --offset 0    # rows on a cache line (16: off it)
 
 x [M, K] @ w [N, K].T for the fused QKV, O, fused gate/up and down projections, w float32,
 bfloat16 (uint16 bits, widened in registers) or q8_0 (int8 + a float32 scale per 32, cpu_quant). With --cold each shape cycles through 30 copies of w
@@ -41,11 +42,23 @@ def gflops(fn, x, ws, budget_flop: float = 3e9) -> tuple[float, float]:
     return flop * reps * len(ws) / seconds / 1e9, ws[0].nbytes * reps * len(ws) / seconds / 1e9
 
 
+def at_offset(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of a whose data starts `offset` bytes past a 64-byte boundary."""
+    raw = np.empty(a.nbytes + 64 + offset, np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 2048])
     ap.add_argument("--cold", action="store_true", help="30 copies of each weight (out of cache)")
     ap.add_argument("--dtypes", nargs="+", default=list(CONVERT), choices=list(CONVERT))
+    ap.add_argument("--offset", type=int, default=None,
+                    help="float32 only: put x and w this many bytes past a 64-byte boundary (0: on it; 16: where "
+                         "NumPy's own allocations may start), to measure what unaligned rows cost")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ops = CpuOps()
@@ -56,7 +69,10 @@ def main() -> None:
             ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(30 if args.cold else 1)]
             x = rng.standard_normal((m, k), dtype=np.float32)
             for dtype in args.dtypes:
-                cases.append((m, name, dtype, [CONVERT[dtype](w) for w in ws], x))
+                conv = [CONVERT[dtype](w) for w in ws]
+                if args.offset is not None and dtype == "float32":
+                    conv, x = [at_offset(w, args.offset) for w in conv], at_offset(x, args.offset)
+                cases.append((m, name, dtype, conv, x))
     ours = [gflops(ops.linear, x, ws) for *_, ws, x in cases]
     blas = [gflops(lambda a, w: np.matmul(a, w.T), x, ws) if dtype == "float32" else (float("nan"),) * 2
             for _, _, dtype, ws, x in cases]  # after: its threads spin on

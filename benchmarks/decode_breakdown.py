@@ -1,6 +1,7 @@
 """Where a prefill step's and a decode step's time go, op by op, on the CPU backend.
 
     python benchmarks/decode_breakdown.py --batch 16 --steps 40 [--dtype bfloat16]
+    python benchmarks/decode_breakdown.py --batch 1 --prompt-len 512 --steps 3   # a 512-token prefill
 
 Warms every kernel up with one short request, submits `batch` synthetic requests (prompts 64-256
 tokens, seed 0), times the first step (their prefill, up to max_num_batched_tokens tokens), then
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "q8_0"], help="weights")
+    ap.add_argument("--prompt-len", type=int, default=None,
+                    help="every prompt this many tokens (default: 64-256 each); e.g. --batch 1 --prompt-len 512")
     args = ap.parse_args()
     totals: collections.Counter = collections.Counter()
     instrument(totals)
@@ -50,7 +53,8 @@ def main() -> None:
     engine.add_request("warm-up", {"prompt_token_ids": [1] * 40}, SamplingParams(temperature=0, max_tokens=3))
     while engine.has_unfinished_requests():
         engine.step()
-    work = synthetic_workload(args.batch, (64, 256), (1, 1), engine.model_config.vocab_size)
+    lengths = (args.prompt_len, args.prompt_len) if args.prompt_len else (64, 256)
+    work = synthetic_workload(args.batch, lengths, (1, 1), engine.model_config.vocab_size)
     first = min(sum(len(ids) for ids, _ in work), engine.config.max_num_batched_tokens)
     for i, (ids, _) in enumerate(work):
         engine.add_request(f"r{i}", {"prompt_token_ids": ids},

@@ -54,7 +54,6 @@ def kernels_cached() -> bool:
         return True
 
 
-
 def _to_bf16_in_chunks(x: Any, chunk: int = 1 << 20) -> np.ndarray:
     """float values -> bf16 bits, converted a million elements at a time so the temporaries stay small
     (the embedding table would otherwise need three float32-sized ones)."""
@@ -94,16 +93,15 @@ class CpuOps(Ops):
     # --- arrays -----------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Array:
         """A C-contiguous numpy array of `x`; no copy when `x` already is one of that dtype and, from
-        64 KiB on, starts on a 64-byte boundary (else an aligned copy). dtype
-        "bfloat16": float values -> bf16 bits (uint16), rounded to nearest even."""
+        64 KiB on, starts on a 64-byte boundary (util.aligned_empty says why). Otherwise an aligned
+        copy: for the loader's weights, a copy off the file mapping, whose pages the loader then drops.
+        dtype "bfloat16": float values -> bf16 bits (uint16), rounded to nearest even; "q8_0": a
+        Q8Matrix (cpu_quant)."""
         if isinstance(dtype, str) and dtype == BF16:
             return _to_bf16_in_chunks(x)
         if isinstance(dtype, str) and dtype == Q8_0:
             return quantize_q8_0(x)
-        out = np.ascontiguousarray(x, dtype=dtype)
-        # a weight matrix (or any large array) starts on a cache line: the GEMM's vector loads need it
-        # (util.aligned_empty); a view of the loader's mapping is copied, and the loader drops its pages
-        return aligned(out)
+        return aligned(np.ascontiguousarray(x, dtype=dtype))
 
     def to_numpy(self, x: Array) -> Any:
         """`x` as a numpy.ndarray (no copy)."""
