@@ -29,16 +29,14 @@ def bf16_bits_to_float(xp, bits) -> Any:
 
 
 ALIGN = 64  # bytes: a cache line, and one AVX-512 vector
-
-
 ALIGN_FROM = 64 << 10  # bytes: smaller arrays are left where NumPy puts them (see aligned_empty)
 
 
 def aligned_empty(shape, dtype) -> Any:
     """numpy.empty whose data starts on an ALIGN-byte boundary when it holds ALIGN_FROM bytes or more.
     NumPy's own allocations start on 16 bytes; an AVX-512 load from such an array crosses a cache line
-    every time and costs two, which took the CPU GEMM's tiles from ~165 to ~120 GF/s (512 rows, Intel
-    Xeon). Aligning costs ~7 us (numpy's ctypes view), more than a decode step's small arrays gain,
+    every time and costs two: the CPU GEMM at 512 rows ran 155-178 GF/s aligned against 123-152 at 16
+    bytes off (`benchmarks/cpu_gemm.py --offset`, Intel Xeon). Aligning costs ~7 us (numpy's ctypes view), more than a decode step's small arrays gain,
     so those get a plain numpy.empty."""
     import numpy as np
 

@@ -8,9 +8,10 @@ bfloat16 weights. `python benchmarks/cpu_gemm.py [--cold]` measures it against N
 (docs/results.md has the figures and the CPU each came from).
 
 How, for M >= 2: each thread takes runs of panels of w (PANEL_ROWS rows each) straight from memory
-(no packing: a decode step reads the weights once) and multiplies them by every row of x, 4 rows
-of x by one panel at a time, each output a SIMD register of partial sums over K reduced at the
-end. The first 4 rows of x stream a run in address order; the others find it in L2. The panel is
+(no packing: a decode step reads the weights once) and multiplies them by every row of x, TILE_M
+rows of x (6 with AVX-512, 4 with AVX2) by one panel at a time, each output a SIMD register of
+partial sums over K reduced at the end. The first TILE_M rows of x stream a run in address order;
+the others find it in L2. The panel is
 4 rows of w where the CPU has AVX-512 (32 vector registers hold 16 accumulators; the tile is
 cpu_simd's explicit-SIMD one, ~1.3x the Numba tile there) and 2 with AVX2 (16 registers: 4 x 4
 accumulators spill, 4 x 2 do not; 1.5-2.5x faster at 512 rows on a Zen 3).

@@ -261,13 +261,14 @@ def _block_scores(qT, kb, kvh, ja, jb, sc):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _softmax_block(sc, pos, base, ja, jb, window, m, l, alpha):
+def _softmax_block(sc, pos, base, ja, jb, window, m, l, alpha, bm):
     """Online softmax over keys ja..jb-1 (positions base + j) for every row r (at position pos[r]):
     masks what r may not see, updates its running max m[r] and sum l[r], sets alpha[r] (how much its
-    accumulator shrinks) and turns sc[j, r] into the key's weight (0 where masked)."""
+    accumulator shrinks) and turns sc[j, r] into the key's weight (0 where masked). bm [rows] is
+    scratch for the block's max."""
     rp = sc.shape[1]
     ninf = np.float32(-np.inf)
-    bm = np.full(rp, ninf, np.float32)
+    bm[:] = ninf
     for j in range(ja, jb):
         kpos = base + j
         srow = sc[j]
@@ -308,7 +309,7 @@ def _attend_tile_rows(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale,
     acc = np.zeros((rp, d_n), np.float32)
     m = np.full(rp, -np.inf, np.float32)
     l = np.zeros(rp, np.float32)
-    alpha = np.empty(rp, np.float32)
+    alpha, bm = np.empty(rp, np.float32), np.empty(rp, np.float32)
     sc = np.empty((bs, rp), np.float32)
     last_pos = first_pos + t1 - t0 - 1
     lo = max(0, first_pos - window + 1) if window > 0 else 0
@@ -317,7 +318,7 @@ def _attend_tile_rows(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale,
         ja, jb = max(0, lo - base), min(bs, last_pos + 1 - base)
         kb, vb = k_cache[table[bi]], v_cache[table[bi]]
         _block_scores(qT, kb, kvh, ja, jb, sc)
-        _softmax_block(sc, pos, base, ja, jb, window, m, l, alpha)
+        _softmax_block(sc, pos, base, ja, jb, window, m, l, alpha, bm)
         for r in range(rows):
             a, al = acc[r], alpha[r]
             for d in range(d_n):
