@@ -3,8 +3,8 @@
     python benchmarks/decode_breakdown.py --batch 16 --steps 40 [--dtype bfloat16]
     python benchmarks/decode_breakdown.py --batch 1 --prompt-len 512 --steps 3   # a 512-token prefill
 
-Warms every kernel up with one short request, submits `batch` synthetic requests (prompts 64-256
-tokens, seed 0), times the first step (their prefill, up to max_num_batched_tokens tokens), then
+Warms up as `cupaged bench throughput` does (one request of the longest prompt, then the KV blocks
+the run takes written once), submits `batch` synthetic requests (prompts 64-256 tokens, seed 0), times the first step (their prefill, up to max_num_batched_tokens tokens), then
 `steps` decode steps, with a timer around every backend op (no profiler overhead beyond that).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import collections
 import time
 
 from cupaged.backend.cpu import CpuOps
-from cupaged.cli.bench import machine_name, synthetic_workload
+from cupaged.cli.bench import machine_name, synthetic_workload, warm_up
 from cupaged.config import EngineConfig
 from cupaged.engine.engine import LLMEngine
 from cupaged.sampling_params import SamplingParams
@@ -50,11 +50,9 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(model=args.model, backend="cpu", dtype=args.dtype, max_num_seqs=args.batch,
                                     progress=False,
                                     kv_cache_memory=512 * 2**20))
-    engine.add_request("warm-up", {"prompt_token_ids": [1] * 40}, SamplingParams(temperature=0, max_tokens=3))
-    while engine.has_unfinished_requests():
-        engine.step()
     lengths = (args.prompt_len, args.prompt_len) if args.prompt_len else (64, 256)
-    work = synthetic_workload(args.batch, lengths, (1, 1), engine.model_config.vocab_size)
+    work = synthetic_workload(args.batch, lengths, (args.steps + 2, args.steps + 2), engine.model_config.vocab_size)
+    warm_up(engine, work, seed=0)
     first = min(sum(len(ids) for ids, _ in work), engine.config.max_num_batched_tokens)
     for i, (ids, _) in enumerate(work):
         engine.add_request(f"r{i}", {"prompt_token_ids": ids},

@@ -10,6 +10,8 @@ import time
 import click
 import numpy as np
 
+from cupaged.util import cdiv
+
 
 def parse_range(text: str, name: str | None = None) -> tuple[int, int]:
     """'128' -> (128, 128); '64:256' -> (64, 256). name is the option, for the error."""
@@ -140,7 +142,7 @@ def bench() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "q8_0"]), default="auto",
               show_default=True, help="As in chat: bfloat16 on the CPU stores the weight matrices in bf16.")
-@click.option("--warmup/--no-warmup", default=True, show_default=True, help="Run one short request first.")
+@click.option("--warmup/--no-warmup", default=True, show_default=True, help="Run one request of the longest prompt first, and write the KV blocks the run will take.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def throughput(model, backend, num_requests, concurrency, input_len, output_len, dtype, seed, warmup, as_json):
     """Offline throughput: N synthetic requests (fixed seed, ignore_eos), all submitted at once; with
@@ -151,12 +153,23 @@ def throughput(model, backend, num_requests, concurrency, input_len, output_len,
     engine = LLMEngine(EngineConfig(model=model, backend=backend, dtype=dtype, max_num_seqs=concurrency))
     check_prompt_len(engine, in_range[1], "--input-len")
     work = synthetic_workload(num_requests, in_range, out_range, engine.model_config.vocab_size, seed)
-    if warmup:  # its own prompt: the workload's first would then be a prefix-cache hit
-        run_throughput(engine, synthetic_workload(1, (8, 8), (2, 2), engine.model_config.vocab_size, seed + 1))
+    if warmup:
+        warm_up(engine, work, seed)
     result = run_throughput(engine, work)
     result.update(machine=machine_name(), backend=engine.ops.name, dtype=engine.ops.dtype_name,
                   concurrency=concurrency, model=model, peak_rss_mib=peak_rss_mib())
     print_result(f"cupaged {engine.ops.name} ({engine.ops.dtype_name})", result, as_json)
+
+
+def warm_up(engine, work: list[tuple[list[int], int]], seed: int) -> None:
+    """One request as long as the workload's longest prompt (its own tokens: the workload's would then
+    be a prefix-cache hit), so that the allocator holds prefill-sized buffers, as llama-bench's warm-up
+    run does; then the KV blocks the workload will take are written once (ModelRunner.touch_kv_blocks)."""
+    longest = max(len(ids) for ids, _ in work)
+    run_throughput(engine, synthetic_workload(1, (longest, longest), (2, 2), engine.model_config.vocab_size,
+                                              seed + 1))
+    bs = engine.block_manager.block_size
+    engine.runner.touch_kv_blocks(cdiv(longest + 2, bs) + sum(cdiv(len(ids) + n, bs) for ids, n in work))
 
 
 STARTUP_SCRIPT = """

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from cupaged.backend.cpu_math import FASTMATH, exp_f32
-from cupaged.backend.cpu_simd import SCORE_CHAINS, scores1, scores4, wide_vectors
+from cupaged.backend.cpu_simd import PV_OUTS, pv_rows, scores1, scores4, wide_vectors
 
 ATTN_TILE = 16  # new tokens per attention work item
 # tiles of >= 16 query rows (prefill) take _attend_tile_rows where the CPU has AVX-512: its 16 score
@@ -51,18 +51,18 @@ def _norm_row(x, weight, eps, out):
         out[i] = x[i] * inv * weight[i]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def rms_norm(x, weight, eps, out):
-    """x [T, H], weight [H] -> out [T, H]."""
-    for t in range(x.shape[0]):
+    """x [T, H], weight [H] -> out [T, H]; threads split T."""
+    for t in numba.prange(x.shape[0]):
         _norm_row(x[t], weight, eps, out[t])
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def fused_add_rms_norm(x, residual, weight, eps, out):
-    """residual [T, H] += x [T, H] in place; out [T, H] = rms_norm(residual)."""
+    """residual [T, H] += x [T, H] in place; out [T, H] = rms_norm(residual); threads split T."""
     h = x.shape[1]
-    for t in range(x.shape[0]):
+    for t in numba.prange(x.shape[0]):
         for i in range(h):
             residual[t, i] += x[t, i]
         _norm_row(residual[t], weight, eps, out[t])
@@ -98,14 +98,18 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
 # --- paged KV cache -------------------------------------------------------------------
 @numba.njit(cache=True, nogil=True)
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    """k, v [T, Hk, D] -> caches [NB, BS, Hk, D] at slot_mapping [T]; slot < 0 is skipped."""
+    """k, v [T, Hk, D] -> caches [NB, BS, Hk, D] at slot_mapping [T]; slot < 0 is skipped. Explicit loops:
+    Numba's slice assignment (k_cache[b, o] = k[t]) cost ~1 us per token, 28 ms of a 512-token prefill."""
     bs = k_cache.shape[1]
     for t in range(slot_mapping.shape[0]):
         slot = slot_mapping[t]
         if slot < 0:
             continue
-        k_cache[slot // bs, slot % bs] = k[t]
-        v_cache[slot // bs, slot % bs] = v[t]
+        kd, vd = k_cache[slot // bs, slot % bs], v_cache[slot // bs, slot % bs]
+        for h in range(k.shape[1]):
+            for d in range(k.shape[2]):
+                kd[h, d] = k[t, h, d]
+                vd[h, d] = v[t, h, d]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -252,31 +256,45 @@ def _block_scores(qT, kb, kvh, ja, jb, sc):
     for c in range(0, qT.shape[1], 16):
         j = ja
         while j + 4 <= jb:
-            scores4(qp + 4 * c, q_stride, kp + j * k_stride, k_stride, d_n, sc.ctypes.data + j * s_stride + 4 * c,
-                    s_stride)
+            scores4(qp + 4 * c, q_stride, kp + j * k_stride, k_stride, 4, d_n, sc.ctypes.data + j * s_stride + 4 * c,
+                    s_stride, 0)
             j += 4
         for jj in range(j, jb):
-            scores1(qp + 4 * c, q_stride, kp + jj * k_stride, k_stride, d_n, sc.ctypes.data + jj * s_stride + 4 * c,
-                    s_stride)
+            scores1(qp + 4 * c, q_stride, kp + jj * k_stride, k_stride, 4, d_n,
+                    sc.ctypes.data + jj * s_stride + 4 * c, s_stride, 0)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _softmax_block(sc, pos, base, ja, jb, window, m, l, alpha, bm):
+def _block_pv(sc, vb, kvh, ja, jb, alpha, accT):
+    """accT[d, :] = alpha * accT[d, :] + sum over keys j in ja..jb-1 of sc[j, :] * vb[j, kvh, d]: the rows
+    as vector lanes, 16 rows x PV_OUTS dims per SIMD call (cpu_simd.pv_rows)."""
+    v_stride, a_stride, s_stride = vb.strides[0], accT.strides[0], sc.strides[0]
+    vp = vb.ctypes.data + kvh * vb.strides[1] + ja * v_stride
+    sp, ap, alp = sc.ctypes.data + ja * s_stride, accT.ctypes.data, alpha.ctypes.data
+    for c in range(0, accT.shape[1], 16):
+        for d in range(0, accT.shape[0], PV_OUTS):
+            pv_rows(sp + 4 * c, s_stride, vp + 4 * d, 4, v_stride, jb - ja, ap + d * a_stride + 4 * c, a_stride,
+                    alp + 4 * c)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _softmax_block(sc, pos, base, ja, jb, window, masked, m, l, alpha, bm):
     """Online softmax over keys ja..jb-1 (positions base + j) for every row r (at position pos[r]):
-    masks what r may not see, updates its running max m[r] and sum l[r], sets alpha[r] (how much its
-    accumulator shrinks) and turns sc[j, r] into the key's weight (0 where masked). bm [rows] is
-    scratch for the block's max."""
+    masks what r may not see (only where `masked`: some key of the block is hidden from some row),
+    updates its running max m[r] and sum l[r], sets alpha[r] (how much its accumulator shrinks) and
+    turns sc[j, r] into the key's weight (0 where masked). bm [rows] is scratch for the block's max."""
     rp = sc.shape[1]
     ninf = np.float32(-np.inf)
     bm[:] = ninf
     for j in range(ja, jb):
         kpos = base + j
         srow = sc[j]
+        if masked:
+            for r in range(rp):
+                if kpos > pos[r] or (window > 0 and kpos <= pos[r] - window):
+                    srow[r] = ninf
         for r in range(rp):
-            hidden = kpos > pos[r] or (window > 0 and kpos <= pos[r] - window)
-            v = ninf if hidden else srow[r]
-            srow[r] = v
-            bm[r] = max(bm[r], v)
+            bm[r] = max(bm[r], srow[r])
     for r in range(rp):
         mn = max(m[r], bm[r])
         alpha[r] = exp_f32(m[r] - mn) if m[r] > ninf else np.float32(0.0)
@@ -295,18 +313,19 @@ def _softmax_block(sc, pos, base, ja, jb, window, m, l, alpha, bm):
 def _attend_tile_rows(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale, window, out):
     """_attend_tile for tiles of >= 16 query rows (prefill): scores as 16-row x 4-key SIMD blocks against
     the rows held transposed (cpu_simd.scores4: no sum across lanes per score), the online softmax
-    vectorized across rows, then P @ V four keys at a time."""
+    vectorized across rows, then P @ V into the output rows held transposed too, accT [D, rows], with the
+    softmax's rescale folded in (cpu_simd.pv_rows: 16 rows x 8 dims per call)."""
     d_n, bs = q.shape[2], k_cache.shape[1]
     g_n = q.shape[1] // k_cache.shape[2]
     rows = (t1 - t0) * g_n
     rp = (rows + 15) // 16 * 16
-    qT = np.zeros((d_n, rp), np.float32)  # [D, rows]; padding rows stay 0 and see no key (pos -1)
-    pos = np.full(rp, -1, np.int64)
+    qT = np.zeros((d_n, rp), np.float32)  # [D, rows]; padding rows stay 0
+    pos = np.full(rp, first_pos + t1 - t0 - 1, np.int64)  # padding rows: scores 0, outputs never read
     for r in range(rows):
         pos[r] = first_pos + r // g_n
         for d in range(d_n):
             qT[d, r] = q[t0 + r // g_n, kvh * g_n + r % g_n, d] * scale
-    acc = np.zeros((rp, d_n), np.float32)
+    accT = np.zeros((d_n, rp), np.float32)  # the output rows transposed, as qT
     m = np.full(rp, -np.inf, np.float32)
     l = np.zeros(rp, np.float32)
     alpha, bm = np.empty(rp, np.float32), np.empty(rp, np.float32)
@@ -318,26 +337,13 @@ def _attend_tile_rows(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale,
         ja, jb = max(0, lo - base), min(bs, last_pos + 1 - base)
         kb, vb = k_cache[table[bi]], v_cache[table[bi]]
         _block_scores(qT, kb, kvh, ja, jb, sc)
-        _softmax_block(sc, pos, base, ja, jb, window, m, l, alpha, bm)
-        for r in range(rows):
-            a, al = acc[r], alpha[r]
-            for d in range(d_n):
-                a[d] *= al
-            j = ja
-            while j + 4 <= jb:
-                p0, p1, p2, p3 = sc[j, r], sc[j + 1, r], sc[j + 2, r], sc[j + 3, r]
-                v0, v1, v2, v3 = vb[j, kvh], vb[j + 1, kvh], vb[j + 2, kvh], vb[j + 3, kvh]
-                for d in range(d_n):
-                    a[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
-                j += 4
-            for jj in range(j, jb):
-                p, vj = sc[jj, r], vb[jj, kvh]
-                for d in range(d_n):
-                    a[d] += p * vj[d]
+        masked = base + jb - 1 > first_pos or (window > 0 and base + ja <= last_pos - window)
+        _softmax_block(sc, pos, base, ja, jb, window, masked, m, l, alpha, bm)
+        _block_pv(sc, vb, kvh, ja, jb, alpha, accT)
     for r in range(rows):
         inv = np.float32(1.0) / l[r] if l[r] > 0 else np.float32(0.0)
         for d in range(d_n):
-            out[t0 + r // g_n, kvh * g_n + r % g_n, d] = acc[r, d] * inv
+            out[t0 + r // g_n, kvh * g_n + r % g_n, d] = accT[d, r] * inv
 
 
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
@@ -356,7 +362,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         b, t0, t1 = tiles[i // hk, 0], tiles[i // hk, 1], tiles[i // hk, 2]
         q_len = query_start_loc[b + 1] - query_start_loc[b]
         first_pos = seq_lens[b] - q_len + (t0 - query_start_loc[b])
-        if ROWS_PATH and (t1 - t0) * (q.shape[1] // hk) >= 16 and q.shape[2] % SCORE_CHAINS == 0:
+        if ROWS_PATH and (t1 - t0) * (q.shape[1] // hk) >= 16 and q.shape[2] % PV_OUTS == 0:
             _attend_tile_rows(q, k_cache, v_cache, block_tables[b], first_pos, t0, t1, i % hk, scale, window, out)
         else:
             _attend_tile(q, k_cache, v_cache, block_tables[b], first_pos, t0, t1, i % hk, scale, window, out)

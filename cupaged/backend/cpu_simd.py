@@ -286,52 +286,57 @@ overload(dot_rows1, inline="always")(_by_dtype(False))
 
 
 SCORE_CHAINS = 4  # partial sums per score, over d = 0, 1, 2, 3 (mod 4): 4x shorter float32 chains
+PV_OUTS = 8  # output dims per P @ V call: 8 independent FMA chains, 9 loads per 8 FMAs
 
 
-def _codegen_scores(keys: int):
-    """IR of s[j, 0:16] = sum over d of qT[d, 0:16] * k_j[d], j < keys: 16 query rows (a vector) against
-    `keys` keys at once, one broadcast of k_j[d] per FMA, no sum across lanes (qT holds the rows
-    transposed, [D, rows]). Each score keeps SCORE_CHAINS partial sums (d mod 4), added at the end:
-    one chain of 64 float32 FMAs per score lost the float64 reference's 1e-5 at scores of a few hundred.
-    d_n must be a multiple of SCORE_CHAINS."""
-    chains = SCORE_CHAINS
-
+def _codegen_bcast(outs: int, chains: int, scaled: bool):
+    """IR of out_o[0:16] (+)= sum over i < n of a_i[0:16] * b_o[i], o < outs: a 16-row vector against
+    `outs` broadcast scalars per step i, no sum across lanes. The attention kernels keep query rows
+    as vector lanes: the scores are s_j = sum over d of qT[d] * k_j[d] (a = qT, b_j = key j), P @ V is
+    accT[d] = alpha * accT[d] + sum over keys i of P[i] * v_i[d] (a = P, b_d = column d of V).
+    Each output keeps `chains` partial sums (i mod chains), added pairwise at the end: one chain of
+    64 float32 FMAs per score lost the float64 reference's 1e-5 at scores of a few hundred. n must be
+    a multiple of chains. scaled: out_o = out_o * alpha + sum (alpha a 16-row vector), else out_o = sum."""
     def codegen(context, builder, signature, args):
-        qp, q_stride, kp, k_stride, d_n, sp, s_stride = args
-        ks = [_row_ptr(builder, kp, k_stride, j, _F32) for j in range(keys)]
+        ap, a_stride, bp, b_out, b_step, n, outp, o_stride, alphap = args
+        bs = [_row_ptr(builder, bp, b_out, o, _I8) for o in range(outs)]
 
-        def body(d, accs):
+        def body(i, accs):
             new = []
             for c in range(chains):
-                dc = builder.add(d, ir.Constant(_I64, c))
-                qv = builder.load(builder.inttoptr(builder.add(qp, builder.mul(dc, q_stride)), _VF.as_pointer()),
+                ic = builder.add(i, ir.Constant(_I64, c))
+                av = builder.load(builder.inttoptr(builder.add(ap, builder.mul(ic, a_stride)), _VF.as_pointer()),
                                   align=4)
-                for j in range(keys):
-                    kd = _splat(builder, builder.load(builder.gep(ks[j], [dc]), align=4))
-                    new.append(_fmuladd(builder, qv, kd, accs[c * keys + j]))
+                for o in range(outs):
+                    at = builder.bitcast(builder.gep(bs[o], [builder.mul(ic, b_step)]), _F32.as_pointer())
+                    new.append(_fmuladd(builder, av, _splat(builder, builder.load(at, align=4)), accs[c * outs + o]))
             return new
 
-        finals = _accumulate(builder, d_n, chains, keys * chains, _VF, body)
-        for j in range(keys):
-            parts = [finals[c * keys + j] for c in range(chains)]
+        finals = _accumulate(builder, n, chains, outs * chains, _VF, body)
+        alpha = builder.load(builder.inttoptr(alphap, _VF.as_pointer()), align=4) if scaled else None
+        for o in range(outs):
+            parts = [finals[c * outs + o] for c in range(chains)]
             while len(parts) > 1:  # pairwise
                 parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-            builder.store(parts[0], builder.inttoptr(builder.add(sp, builder.mul(s_stride, ir.Constant(_I64, j))),
-                                                     _VF.as_pointer()), align=4)
+            at = builder.inttoptr(builder.add(outp, builder.mul(o_stride, ir.Constant(_I64, o))), _VF.as_pointer())
+            total = _fmuladd(builder, builder.load(at, align=4), alpha, parts[0]) if scaled else parts[0]
+            builder.store(total, at, align=4)
         return context.get_dummy_value()
     return codegen
 
 
-def _make_scores(keys: int):
+def _make_bcast(outs: int, chains: int, scaled: bool):
     @intrinsic
-    def scores(typingctx, qp, q_stride, kp, k_stride, d_n, sp, s_stride):
-        """s_j[0:16] = qT[:, 0:16] . k_j for j < keys: qT float32 rows of 16 at qp + d * q_stride, key j's
-        float32 [d_n] at kp + j * k_stride, s_j at sp + j * s_stride (strides in bytes)."""
-        args = (qp, q_stride, kp, k_stride, d_n, sp, s_stride)
+    def bcast(typingctx, ap, a_stride, bp, b_out, b_step, n, outp, o_stride, alphap):
+        """out_o[0:16] = (out_o * alpha if scaled) + sum over i < n of a_i[0:16] * b_o[i] for o < outs:
+        a_i float32 [16] at ap + i * a_stride, b_o[i] float32 at bp + o * b_out + i * b_step, out_o float32
+        [16] at outp + o * o_stride, alpha float32 [16] at alphap (unused unless scaled); bytes."""
+        args = (ap, a_stride, bp, b_out, b_step, n, outp, o_stride, alphap)
         if not all(isinstance(a, types.Integer) and a.bitwidth == 64 for a in args):
             return None
-        return types.void(*args), _codegen_scores(keys)
-    return scores
+        return types.void(*args), _codegen_bcast(outs, chains, scaled)
+    return bcast
 
 
-scores1, scores4 = _make_scores(1), _make_scores(4)
+scores1, scores4 = _make_bcast(1, SCORE_CHAINS, False), _make_bcast(4, SCORE_CHAINS, False)
+pv_rows = _make_bcast(PV_OUTS, 1, True)

@@ -48,6 +48,17 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         return [(self.ops.zeros(shape, self.dtype), self.ops.zeros(shape, self.dtype)) for _ in range(cfg.num_layers)]
 
+    def touch_kv_blocks(self, num_blocks: int) -> None:
+        """Write zeros to the first num_blocks blocks of every layer's K and V (the ones a fresh block
+        manager hands out first). On the CPU the pool's pages are mapped on first write, and a page
+        fault costs ~1 ns a byte on the Intel VM of docs/results.md: 23 ms of a first 512-token
+        prefill. A benchmark calls this to time a warm server, as llama.cpp clears its KV cache when it
+        makes a context, before any timing."""
+        n = min(num_blocks, self.kv_caches[0][0].shape[0]) if self.kv_caches else 0
+        for k, v in self.kv_caches:
+            k[:n] = 0
+            v[:n] = 0
+
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture decode graphs for batch sizes up to max_num_seqs (a no-op on backends without graphs)."""
         graphs = DecodeGraphs(self._forward, self.ops, max_num_seqs, max_model_len, self.block_size)
