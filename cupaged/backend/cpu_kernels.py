@@ -51,21 +51,37 @@ def _norm_row(x, weight, eps, out):
         out[i] = x[i] * inv * weight[i]
 
 
+PARALLEL_ROWS = 64  # norms split rows across threads from this many rows on: below, a parallel launch
+                   # (a few us) costs more than it saves (~60 of them a decode step)
+
+
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def rms_norm(x, weight, eps, out):
-    """x [T, H], weight [H] -> out [T, H]; threads split T."""
+    """x [T, H], weight [H] -> out [T, H]; threads split T when it is PARALLEL_ROWS or more."""
+    if x.shape[0] < PARALLEL_ROWS:
+        for t in range(x.shape[0]):
+            _norm_row(x[t], weight, eps, out[t])
+        return
     for t in numba.prange(x.shape[0]):
         _norm_row(x[t], weight, eps, out[t])
 
 
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
+def _add_norm_row(x, residual, weight, eps, out):
+    for i in range(x.shape[0]):
+        residual[i] += x[i]
+    _norm_row(residual, weight, eps, out)
+
+
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def fused_add_rms_norm(x, residual, weight, eps, out):
-    """residual [T, H] += x [T, H] in place; out [T, H] = rms_norm(residual); threads split T."""
-    h = x.shape[1]
+    """residual [T, H] += x [T, H] in place; out [T, H] = rms_norm(residual); threads split T as in rms_norm."""
+    if x.shape[0] < PARALLEL_ROWS:
+        for t in range(x.shape[0]):
+            _add_norm_row(x[t], residual[t], weight, eps, out[t])
+        return
     for t in numba.prange(x.shape[0]):
-        for i in range(h):
-            residual[t, i] += x[t, i]
-        _norm_row(residual[t], weight, eps, out[t])
+        _add_norm_row(x[t], residual[t], weight, eps, out[t])
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)

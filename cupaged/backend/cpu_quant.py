@@ -22,6 +22,7 @@ import numpy as np
 from cupaged.backend.cpu_gemm import PANEL_ROWS, sweep, work_items
 from cupaged.backend.cpu_math import FASTMATH
 from cupaged.backend.cpu_simd import QBLOCK, q8_rows1, q8_rows4  # QBLOCK: weights per scale, along K
+from cupaged.backend.cpu_vnni import STEP, VNNI, quantize_x, vnni_rows1, vnni_rows4
 from cupaged.util import aligned_empty
 
 SIMD_ROWS = 4  # up to this many rows of x, the rows-in-order SIMD walk; more: widen, then float32 tiles
@@ -99,6 +100,24 @@ def _q8_rows_in_order(x, q, scale, out, n0, n1):
             n += 1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _vnni_rows_in_order(xq, dx, q, scale, out, n0, n1):
+    """_q8_rows_in_order with x already quantized (cpu_vnni): int8 dot products by vpdpbusd."""
+    steps = q.shape[1] // STEP
+    qs, ss, xs, ds, os = q.strides[0], scale.strides[0], xq.strides[0], dx.strides[0], out.strides[0]
+    qp, sp, xp, dp, op = q.ctypes.data, scale.ctypes.data, xq.ctypes.data, dx.ctypes.data, out.ctypes.data
+    n = n0
+    while n < n1:
+        if n + 4 <= n1:
+            for m in range(xq.shape[0]):
+                vnni_rows4(xp + m * xs, dp + m * ds, qp + n * qs, qs, sp + n * ss, ss, steps, op + m * os + 4 * n)
+            n += 4
+        else:
+            for m in range(xq.shape[0]):
+                vnni_rows1(xp + m * xs, dp + m * ds, qp + n * qs, qs, sp + n * ss, ss, steps, op + m * os + 4 * n)
+            n += 1
+
+
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 def _widen_rows(q, scale, r0, r1, buf):
     """buf[:r1 - r0] = float32 values of rows r0:r1."""
@@ -113,10 +132,18 @@ def _widen_rows(q, scale, r0, r1, buf):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def matmul_q8(x, q, scale, out, threads):
+def matmul_q8(x, q, scale, out, threads, int8_x=VNNI):
     """x [M, K] float32 @ (q [N, K] int8 * scale [N, K / 32] float32).T -> out [M, N] float32, all
-    C-contiguous; threads: Numba's thread count (passed in, as for cpu_gemm.matmul_nt)."""
+    C-contiguous; threads: Numba's thread count (passed in, as for cpu_gemm.matmul_nt). int8_x (where
+    the CPU has AVX-512 VNNI, and K a multiple of 64): for M <= SIMD_ROWS, x quantized to int8 per
+    block of 32 and int32 dot products (cpu_vnni), as llama.cpp's Q8_0; else float32 throughout."""
     m_n, n_rows, k = x.shape[0], q.shape[0], q.shape[1]
+    if m_n <= SIMD_ROWS and int8_x and k % STEP == 0:
+        xq, dx = np.empty((m_n, k), np.int8), np.empty((m_n, k // 4), np.float32)
+        quantize_x(x, xq, dx)
+        for t in numba.prange(threads):
+            _vnni_rows_in_order(xq, dx, q, scale, out, t * n_rows // threads, (t + 1) * n_rows // threads)
+        return
     if m_n <= SIMD_ROWS:
         for t in numba.prange(threads):
             _q8_rows_in_order(x, q, scale, out, t * n_rows // threads, (t + 1) * n_rows // threads)
