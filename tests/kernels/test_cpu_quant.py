@@ -29,19 +29,6 @@ def test_quantize_is_within_half_a_step():
         quantize_q8_0(np.ones((4, 40), F32))
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 32, 1), (1, 576, 963), (2, 64, 5), (3, 96, 7), (4, 64, 9), (5, 576, 130),
-                                   (16, 1536, 577), (37, 128, 33)])
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_matmul_q8(m, k, n, threads):
-    rng = np.random.default_rng(m * 1000 + n)
-    x = rng.standard_normal((m, k)).astype(F32)
-    w = quantize_q8_0(rng.standard_normal((n, k)).astype(F32))
-    out = np.full((m, n), np.nan, F32)
-    matmul_q8(x, w.q, w.scale, out, threads, False)  # float32 x on every host
-    want = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
-    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
-
-
 def x_as_int8(x):
     """x [M, K] as the int8 activations see it, in float64: per block of 32, d = max |x| / 127 and
     round(x * (127 / max |x|)) * d (the scale's reciprocal in float32, as the kernel takes it)."""
@@ -64,16 +51,21 @@ def test_quantize_x_is_within_half_a_step_and_lays_scales_out_by_lane():
     np.testing.assert_allclose(xq.reshape(3, 6, 32) * d[..., None], x_as_int8(x).reshape(3, 6, 32), atol=1e-6)
 
 
-@pytest.mark.skipif(not VNNI, reason="int8 activations need AVX-512 VNNI")
-@pytest.mark.parametrize("m,k,n", [(1, 64, 1), (1, 576, 963), (2, 128, 5), (3, 1536, 7), (4, 576, 130), (1, 96, 9)])
+INT8_X = [False, pytest.param(True, marks=pytest.mark.skipif(not VNNI, reason="int8 activations need AVX-512 VNNI"))]
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 32, 1), (1, 576, 963), (2, 64, 5), (3, 96, 7), (4, 64, 9), (5, 576, 130),
+                                   (16, 1536, 577), (37, 128, 33), (3, 1536, 7), (4, 576, 130)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_matmul_q8_with_int8_x(m, k, n, threads):
+@pytest.mark.parametrize("int8_x", INT8_X)
+def test_matmul_q8(m, k, n, threads, int8_x):
     rng = np.random.default_rng(m * 1000 + n)
     x = rng.standard_normal((m, k)).astype(F32)
     w = quantize_q8_0(rng.standard_normal((n, k)).astype(F32))
     out = np.full((m, n), np.nan, F32)
-    matmul_q8(x, w.q, w.scale, out, threads, True)
-    xs = x_as_int8(x) if k % 64 == 0 else x.astype(np.float64)  # K = 96: not two blocks a step, float32 x
+    matmul_q8(x, w.q, w.scale, out, threads, int8_x)
+    # int8 x only for a decode's few rows, two blocks a step; float32 x otherwise (K = 96, say)
+    xs = x_as_int8(x) if int8_x and m <= SIMD_ROWS and k % 64 == 0 else x.astype(np.float64)
     np.testing.assert_allclose(out, xs @ w.dequantize().astype(np.float64).T, rtol=1e-4, atol=1e-4)
 
 
