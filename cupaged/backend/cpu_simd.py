@@ -78,6 +78,23 @@ def _hsum(builder: ir.IRBuilder, v):
     return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
 
 
+def _hsum4(builder: ir.IRBuilder, vs):
+    """The lane sums of four <16 x float> as one <4 x float>: each level adds two halves of a pair of
+    vectors side by side (16 + 16 lanes -> 16, then 16 + 16 -> 16 holding 4 lanes of each, then
+    within the 4), 15 instructions where four _hsum take 32. In a GEMM tile at K = 576 the per-output
+    sums were ~20% of the FMAs."""
+    def pair(a, b, lo, hi):
+        idx = ir.VectorType(ir.IntType(32), len(lo))
+        return builder.fadd(builder.shuffle_vector(a, b, ir.Constant(idx, lo)),
+                            builder.shuffle_vector(a, b, ir.Constant(idx, hi)))
+    halves = (list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))
+    ab, cd = pair(vs[0], vs[1], *halves), pair(vs[2], vs[3], *halves)
+    quarters = [i + o for o in (0, 8, 16, 24) for i in range(4)]
+    v = pair(ab, cd, quarters, [q + 4 for q in quarters])  # lanes 4i..4i+3: vector i's partial sums
+    v = pair(v, v, list(range(0, 16, 2)), list(range(1, 16, 2)))  # 8 lanes: 2i, 2i + 1 are vector i's
+    return pair(v, v, [0, 2, 4, 6], [1, 3, 5, 7])
+
+
 def _load(builder: ir.IRBuilder, base, offset, vtype, align: int):
     ptr = builder.gep(base, [offset])
     return builder.load(builder.bitcast(ptr, vtype.as_pointer()), align=align)
@@ -227,8 +244,13 @@ def _codegen_tile(mr: int, nr: int, kind: str, lanes: int):
         finals = _accumulate(builder, steps, 1, mr * nr, vf, body)
         for m in range(mr):
             row = _row_ptr(builder, outp, o_stride, m, _F32)
+            accs = finals[m * nr:(m + 1) * nr]
+            if nr == 4 and lanes == 16:  # one tree for the row's 4 sums, one 16-byte store
+                builder.store(_hsum4(builder, accs), builder.bitcast(row, ir.VectorType(_F32, 4).as_pointer()),
+                              align=4)
+                continue
             for n in range(nr):
-                builder.store(_hsum(builder, finals[m * nr + n]), builder.gep(row, [ir.Constant(_I64, n)]), align=4)
+                builder.store(_hsum(builder, accs[n]), builder.gep(row, [ir.Constant(_I64, n)]), align=4)
         return context.get_dummy_value()
     return codegen
 
