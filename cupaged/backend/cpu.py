@@ -77,13 +77,16 @@ class CpuOps(Ops):
         where its BLAS wins; bf16 weights always take matmul_nt); None reads $CUPAGED_CPU_GEMM. With
         "blas" from the environment, `cpu_math` keeps Numba on its workqueue layer, whose parked
         threads leave BLAS's alone. weights: "float32", "bfloat16" or "q8_0", the storage of weight
-        matrices (computed in float32 either way)."""
+        matrices (computed in float32 either way). The GEMMs split their rows among the threads Numba
+        has now (NUMBA_NUM_THREADS, or numba.set_num_threads before this): numba.get_num_threads()
+        costs ~1.2 us a call, and a decode step makes 121 GEMMs."""
         gemm = gemm or os.environ.get("CUPAGED_CPU_GEMM") or "numba"
         if gemm not in GEMMS:
             raise InvalidRequestError(f"CPU GEMM must be one of {', '.join(GEMMS)} (CUPAGED_CPU_GEMM), got {gemm!r}")
         if weights not in WEIGHTS:
             raise InvalidRequestError(f"CPU weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         self.gemm = gemm
+        self.threads = numba.get_num_threads()
         self.weight_dtype = np.float32 if weights == "float32" else weights
 
     @property
@@ -153,7 +156,7 @@ class CpuOps(Ops):
     def _matmul(self, x: np.ndarray, weight: Array) -> np.ndarray:
         """By `cpu_gemm.matmul_nt` (which says why not NumPy's BLAS), `cpu_quant.matmul_q8`, or NumPy's
         matmul for float32 weights with gemm="blas"."""
-        threads = numba.get_num_threads()
+        threads = self.threads
         out = aligned_empty((x.shape[0], weight.shape[0]), np.float32)
         if isinstance(weight, Q8Matrix):
             matmul_q8(x, weight.q, weight.scale, out, threads)
