@@ -171,13 +171,14 @@ class CpuOps(Ops):
     def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
         """x [T, H], weight [H] -> new [T, H]."""
         out = aligned_empty(x.shape, x.dtype)
-        K.rms_norm(x, weight, np.float32(eps), out)
+        (K.rms_norm if x.shape[0] < K.PARALLEL_ROWS else K.rms_norm_par)(x, weight, np.float32(eps), out)
         return out
 
     def fused_add_rms_norm(self, x: Array, residual: Array, weight: Array, eps: float) -> Array:
         """residual [T, H] += x in place; returns rms_norm(residual), a new [T, H]."""
         out = aligned_empty(residual.shape, residual.dtype)
-        K.fused_add_rms_norm(x, residual, weight, np.float32(eps), out)
+        (K.fused_add_rms_norm if x.shape[0] < K.PARALLEL_ROWS else K.fused_add_rms_norm_par)(
+            x, residual, weight, np.float32(eps), out)
         return out
 
     def rotary_embedding(self, positions: Array, q: Array, k: Array, cos_sin_cache: Array, is_neox: bool) -> None:

@@ -51,17 +51,20 @@ def _norm_row(x, weight, eps, out):
         out[i] = x[i] * inv * weight[i]
 
 
-PARALLEL_ROWS = 64  # norms split rows across threads from this many rows on: below, a parallel launch
-                   # (a few us) costs more than it saves (~60 of them a decode step)
+PARALLEL_ROWS = 64  # from this many rows on, the ops take the norms that split rows across threads (the
+                   # *_par twins): below, a parallel function's launch (~1 us) costs more than it saves
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def rms_norm(x, weight, eps, out):
+    """x [T, H], weight [H] -> out [T, H]."""
+    for t in range(x.shape[0]):
+        _norm_row(x[t], weight, eps, out[t])
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
-def rms_norm(x, weight, eps, out):
-    """x [T, H], weight [H] -> out [T, H]; threads split T when it is PARALLEL_ROWS or more."""
-    if x.shape[0] < PARALLEL_ROWS:
-        for t in range(x.shape[0]):
-            _norm_row(x[t], weight, eps, out[t])
-        return
+def rms_norm_par(x, weight, eps, out):
+    """rms_norm with threads splitting T."""
     for t in numba.prange(x.shape[0]):
         _norm_row(x[t], weight, eps, out[t])
 
@@ -73,13 +76,16 @@ def _add_norm_row(x, residual, weight, eps, out):
     _norm_row(residual, weight, eps, out)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def fused_add_rms_norm(x, residual, weight, eps, out):
-    """residual [T, H] += x [T, H] in place; out [T, H] = rms_norm(residual); threads split T as in rms_norm."""
-    if x.shape[0] < PARALLEL_ROWS:
-        for t in range(x.shape[0]):
-            _add_norm_row(x[t], residual[t], weight, eps, out[t])
-        return
+    """residual [T, H] += x [T, H] in place; out [T, H] = rms_norm(residual)."""
+    for t in range(x.shape[0]):
+        _add_norm_row(x[t], residual[t], weight, eps, out[t])
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def fused_add_rms_norm_par(x, residual, weight, eps, out):
+    """fused_add_rms_norm with threads splitting T."""
     for t in numba.prange(x.shape[0]):
         _add_norm_row(x[t], residual[t], weight, eps, out[t])
 
