@@ -3,8 +3,8 @@
     python benchmarks/decode_breakdown.py --batch 16 --steps 40 [--dtype bfloat16]
     python benchmarks/decode_breakdown.py --batch 1 --prompt-len 512 --steps 3   # a 512-token prefill
 
-Warms up as `cupaged bench throughput` does (one request of the longest prompt, then the KV blocks
-the run takes written once), submits `batch` synthetic requests (prompts 64-256 tokens, seed 0), times the first step (their prefill, up to max_num_batched_tokens tokens), then
+Warms up as `cupaged bench throughput` does (the engine's warm-up request, then the KV blocks the
+prompts take written once), submits `batch` synthetic requests (prompts 64-256 tokens, seed 0), times the first step (their prefill, up to max_num_batched_tokens tokens), then
 `steps` decode steps, with a timer around every backend op (no profiler overhead beyond that).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
                                     kv_cache_memory=512 * 2**20))
     lengths = (args.prompt_len, args.prompt_len) if args.prompt_len else (64, 256)
     work = synthetic_workload(args.batch, lengths, (args.steps + 2, args.steps + 2), engine.model_config.vocab_size)
-    warm_up(engine, work, seed=0)
+    warm_up(engine, work)
     first = min(sum(len(ids) for ids, _ in work), engine.config.max_num_batched_tokens)
     for i, (ids, _) in enumerate(work):
         engine.add_request(f"r{i}", {"prompt_token_ids": ids},

@@ -154,20 +154,20 @@ def throughput(model, backend, num_requests, concurrency, input_len, output_len,
     check_prompt_len(engine, in_range[1], "--input-len")
     work = synthetic_workload(num_requests, in_range, out_range, engine.model_config.vocab_size, seed)
     if warmup:
-        warm_up(engine, work, seed)
+        warm_up(engine, work)
     result = run_throughput(engine, work)
     result.update(machine=machine_name(), backend=engine.ops.name, dtype=engine.ops.dtype_name,
                   concurrency=concurrency, model=model, peak_rss_mib=peak_rss_mib())
     print_result(f"cupaged {engine.ops.name} ({engine.ops.dtype_name})", result, as_json)
 
 
-def warm_up(engine, work: list[tuple[list[int], int]], seed: int) -> None:
-    """One short request (its own tokens: the workload's first would then be a prefix-cache hit), then
-    the KV blocks the workload's prompts will take written once (ModelRunner.touch_kv_blocks), as
-    llama.cpp clears its KV cache before llama-bench times anything. Only the prompts': touching the
-    outputs' blocks too put them in memory beside the prefill's buffers, ~30 MiB more peak RSS at 16
-    streams, and a warm-up as long as the longest prompt did the same through the allocator."""
-    run_throughput(engine, synthetic_workload(1, (8, 8), (2, 2), engine.model_config.vocab_size, seed + 1))
+def warm_up(engine, work: list[tuple[list[int], int]]) -> None:
+    """The engine's warm-up (one short request, cupaged.engine.warm_up: every kernel loaded), then the KV
+    blocks the workload's prompts will take written once (ModelRunner.touch_kv_blocks), as llama.cpp
+    clears its KV cache before llama-bench times anything. Only the prompts': touching the outputs'
+    blocks too put them in memory beside the prefill's buffers, ~30 MiB more peak RSS at 16 streams."""
+    from cupaged.engine.warm_up import warm_up as warm_up_engine
+    warm_up_engine(engine)
     engine.runner.touch_kv_blocks(1 + sum(cdiv(len(ids), engine.block_manager.block_size) for ids, _ in work))
 
 
