@@ -14,9 +14,12 @@ per block, scores of the valid keys of one query row, one rescale of the accumul
 the P @ V update. A tile of 16 or more query rows (prefill) takes `_attend_tile_rows` where the
 CPU has AVX-512: it holds the rows transposed, [D, rows], so the scores of 16 rows x 4 keys come
 from broadcast FMAs with no sum across a vector per score (cpu_simd.scores4; 3x faster at a
-512-token prefill), and the softmax runs across rows. Items are spread over threads with
-`prange`; since the static schedule
-gives each thread a contiguous range, items are visited in a zig-zag order
+512-token prefill), the softmax runs across rows and P @ V accumulates into the output rows, held
+transposed too (cpu_simd.pv_rows). Fewer rows (decode) take `_attend_tile`, whose blocks with every
+key visible go 16 keys at a time through cpu_simd_attn.attend16 on AVX-512 (a 16-stream q8_0 decode
+step's attention 20.8 -> 13.8 ms, decode_breakdown.py --batch 16); a block's partial ends take the
+Numba loop. Items are spread over threads
+with `prange`; since the static schedule gives each thread a contiguous range, items are visited in a zig-zag order
 (0, n-1, 1, n-2, ...) so that the causal cost ramp of a long prefill is balanced.
 
 Shapes (see `cupaged.backend.ops`): q [T, Hq, D], caches [NB, BS, Hk, D],
@@ -31,6 +34,7 @@ import numpy as np
 
 from cupaged.backend.cpu_math import FASTMATH, exp_f32
 from cupaged.backend.cpu_simd import PV_OUTS, pv_rows, scores1, scores4, wide_vectors
+from cupaged.backend.cpu_simd_attn import KEYS, attend16
 
 ATTN_TILE = 16  # new tokens per attention work item
 # tiles of >= 16 query rows (prefill) take _attend_tile_rows where the CPU has AVX-512: its 16 score
@@ -251,6 +255,7 @@ def _attend_tile(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale, wind
     ml[:, 0] = -np.inf
     ml[:, 1] = 0.0
     scores = np.empty(bs, np.float32)
+    simd = ROWS_PATH and bs % KEYS == 0 and d_n % 16 == 0  # AVX-512: attend16's 16 accumulators fit
     last_pos = first_pos + t1 - t0 - 1
     lo = max(0, first_pos - window + 1) if window > 0 else 0
     for bi in range(lo // bs, last_pos // bs + 1):
@@ -261,7 +266,13 @@ def _attend_tile(q, k_cache, v_cache, table, first_pos, t0, t1, kvh, scale, wind
             pos = first_pos + r // g_n
             j0 = max(0, pos - window + 1 - base) if window > 0 else 0
             j1 = min(bs, pos + 1 - base)
-            if j1 > j0:
+            if simd and j0 == 0 and j1 == bs:  # every key visible: 16 at a time (cpu_simd_attn)
+                for w0 in range(0, bs, KEYS):
+                    attend16(qbuf.ctypes.data + r * qbuf.strides[0], kb.ctypes.data + kvh * kb.strides[1]
+                             + w0 * kb.strides[0], kb.strides[0], vb.ctypes.data + kvh * vb.strides[1]
+                             + w0 * vb.strides[0], vb.strides[0], d_n, acc.ctypes.data + r * acc.strides[0],
+                             ml.ctypes.data + r * ml.strides[0])
+            elif j1 > j0:
                 _attend_block(qbuf[r], kb, vb, kvh, j0, j1, acc, ml, r, scores)
     for r in range(rows):
         inv = np.float32(1.0) / ml[r, 1] if ml[r, 1] > 0 else np.float32(0.0)
