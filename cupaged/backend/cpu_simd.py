@@ -67,14 +67,16 @@ def _splat(builder: ir.IRBuilder, s):
                                                                                   [0] * LANES))
 
 
-def _hsum(builder: ir.IRBuilder, v):
-    """The sum of a float vector's lanes, by halving (16: 8 + 4 + 2 + 1)."""
+def _hsum(builder: ir.IRBuilder, v, combine=None):
+    """The sum of a float vector's lanes, by halving (16: 8 + 4 + 2 + 1); with combine(lo, hi), that
+    reduction instead of the sum (the max, say)."""
+    combine = combine or builder.fadd
     n = v.type.count
     while n > 1:
         n //= 2
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
         hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n))))
-        v = builder.fadd(lo, hi)
+        v = combine(lo, hi)
     return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
 
 

@@ -67,14 +67,8 @@ def _transpose_sum(builder: ir.IRBuilder, vs):
 
 
 def _hmax(builder: ir.IRBuilder, v):
-    """The largest lane of a float vector, by halving."""
-    n = v.type.count
-    while n > 1:
-        n //= 2
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
-        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n))))
-        v = builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi)
-    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+    """The largest lane of a float vector."""
+    return _hsum(builder, v, lambda lo, hi: builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi))
 
 
 def _vec_at(builder: ir.IRBuilder, base, offset):
