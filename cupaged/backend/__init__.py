@@ -20,7 +20,8 @@ def cuda_available() -> bool:
 
 def get_ops(backend: str = "auto", dtype: str = "auto") -> Ops:
     """dtype: "auto" (CPU float32, CUDA float16); "float16" / "bfloat16" on CUDA; on the CPU "float32"
-    "bfloat16" or "q8_0" (weight matrices stored bf16 or 8-bit, computed in float32)."""
+    "bfloat16" or "q8_0" (weight matrices stored bf16 or 8-bit, computed in float32; on AVX-512 VNNI
+    CPUs a q8_0 decode's activations go int8, see cpu_vnni)."""
     if backend == "auto":
         backend = "cuda" if cuda_available() else "cpu"
     if backend == "cpu":

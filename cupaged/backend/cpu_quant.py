@@ -7,7 +7,8 @@ which reads every weight once, moves about 3.6x fewer bytes.
 
 `matmul_q8(x, q, scale, out, threads)` is x [M, K] float32 @ w.T with float32 products and sums:
 for M <= SIMD_ROWS (decode of a few streams) each thread walks its rows of q in order, 4 at a time,
-through the explicit-SIMD row kernel of `cpu_simd` (2.5x the GF/s of the Numba loop it replaced);
+through the explicit-SIMD row kernel of `cpu_simd` (2.5x the GF/s of the Numba loop it replaced), or,
+on CPUs with AVX-512 VNNI, with x quantized to int8 and int32 dot products (`cpu_vnni`);
 for more, each work item first widens its run of rows into a float32 buffer that stays in L2, then
 runs the float32 GEMM's tiles over it (`cpu_gemm`), so the widening is paid once per run, not once
 per 4 rows of x.
