@@ -78,9 +78,9 @@ class CpuOps(Ops):
         "blas" from the environment, `cpu_math` keeps Numba on its workqueue layer, whose parked
         threads leave BLAS's alone. weights: "float32", "bfloat16" or "q8_0", the storage of weight
         matrices (computed in float32, except a q8_0 decode's int8 activations on AVX-512 VNNI CPUs,
-        cpu_vnni). The GEMMs split their rows among the threads Numba
-        has now (NUMBA_NUM_THREADS, or numba.set_num_threads before this): numba.get_num_threads()
-        costs ~1.2 us a call, and a decode step makes 121 GEMMs."""
+        cpu_vnni). The GEMMs split their rows among the threads Numba has now (NUMBA_NUM_THREADS, or
+        numba.set_num_threads before this): numba.get_num_threads() costs ~1.2 us a call, and a decode
+        step makes 121 GEMMs."""
         gemm = gemm or os.environ.get("CUPAGED_CPU_GEMM") or "numba"
         if gemm not in GEMMS:
             raise InvalidRequestError(f"CPU GEMM must be one of {', '.join(GEMMS)} (CUPAGED_CPU_GEMM), got {gemm!r}")

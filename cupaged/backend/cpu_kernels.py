@@ -18,9 +18,9 @@ from broadcast FMAs with no sum across a vector per score (cpu_simd.scores4; 3x 
 transposed too (cpu_simd.pv_rows). Fewer rows (decode) take `_attend_tile`, whose blocks with every
 key visible go 16 keys at a time through cpu_simd_attn.attend16 on AVX-512 (a 16-stream q8_0 decode
 step's attention 20.8 -> 13.8 ms, decode_breakdown.py --batch 16); a block's partial ends take the
-Numba loop. Items are spread over threads
-with `prange`; since the static schedule gives each thread a contiguous range, items are visited in a zig-zag order
-(0, n-1, 1, n-2, ...) so that the causal cost ramp of a long prefill is balanced.
+Numba loop. Items are spread over threads with `prange`; since the static schedule gives each
+thread a contiguous range, items are visited in a zig-zag order (0, n-1, 1, n-2, ...) so that the
+causal cost ramp of a long prefill is balanced.
 
 Shapes (see `cupaged.backend.ops`): q [T, Hq, D], caches [NB, BS, Hk, D],
 block_tables [B, MB], seq_lens [B], query_start_loc [B + 1].
@@ -124,18 +124,14 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
 # --- paged KV cache -------------------------------------------------------------------
 @numba.njit(cache=True, nogil=True)
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    """k, v [T, Hk, D] -> caches [NB, BS, Hk, D] at slot_mapping [T]; slot < 0 is skipped. Explicit loops:
-    Numba's slice assignment (k_cache[b, o] = k[t]) cost ~1 us per token, 28 ms of a 512-token prefill."""
+    """k, v [T, Hk, D] -> caches [NB, BS, Hk, D] at slot_mapping [T]; slot < 0 is skipped."""
     bs = k_cache.shape[1]
     for t in range(slot_mapping.shape[0]):
         slot = slot_mapping[t]
         if slot < 0:
             continue
-        kd, vd = k_cache[slot // bs, slot % bs], v_cache[slot // bs, slot % bs]
-        for h in range(k.shape[1]):
-            for d in range(k.shape[2]):
-                kd[h, d] = k[t, h, d]
-                vd[h, d] = v[t, h, d]
+        k_cache[slot // bs, slot % bs] = k[t]
+        v_cache[slot // bs, slot % bs] = v[t]
 
 
 @numba.njit(cache=True, nogil=True)

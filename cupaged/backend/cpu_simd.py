@@ -16,12 +16,13 @@ x is read once for the R rows. The vectors are <16 x float>: one register with A
 AVX2 (LLVM splits them), so one source serves both. The products are float32 with float32 sums, as
 in the reference (`Q8Matrix.dequantize` then a float32 dot), summed in another order. The same
 generator makes the float32 and bf16 row kernels (`dot_rows1/4`, one-stream GEMV) and, for AVX-512,
-the GEMM's 4 x 4 tile (`tile`).
+the GEMM's 6 x 4 tile (`tile`).
 
 A caveat for whoever edits this file: Numba's disk cache knows a function by its own source file,
-so kernels in cpu_gemm.py and cpu_quant.py that inline these intrinsics keep their cached code when
-only this file changes. Delete cupaged/backend/__pycache__/cpu_gemm.* and cpu_quant.* (or touch the
-two files) after a change here. An installed wheel is not affected (new files, new cache).
+so kernels that inline these intrinsics (cpu_gemm.py, cpu_quant.py, cpu_kernels.py) keep their cached
+code when only this file, cpu_vnni.py or cpu_simd_attn.py changes. Delete their
+cupaged/backend/__pycache__/*.nbi/*.nbc files (or touch them) after such a change. An installed wheel
+is not affected (new files, new cache).
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import numba
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
-
 
 
 def wide_vectors() -> bool:
@@ -43,7 +43,6 @@ def wide_vectors() -> bool:
 
 LANES = 16
 TILE_LANES, TILE_M, TILE_N = (16, 6, 4) if wide_vectors() else (8, 4, 2)  # see _codegen_tile
-_OPAQUE = False  # typed-pointer IR names (llvm.prefetch.p0i8)
 QBLOCK = 32
 _F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _VF = ir.VectorType(_F32, LANES)
@@ -80,21 +79,28 @@ def _hsum(builder: ir.IRBuilder, v, combine=None):
     return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
 
 
-def _hsum4(builder: ir.IRBuilder, vs):
-    """The lane sums of four <16 x float> as one <4 x float>: each level adds two halves of a pair of
-    vectors side by side (16 + 16 lanes -> 16, then 16 + 16 -> 16 holding 4 lanes of each, then
-    within the 4), 15 instructions where four _hsum take 32. In a GEMM tile at K = 576 the per-output
-    sums were ~20% of the FMAs."""
-    def pair(a, b, lo, hi):
+def _transpose_sum(builder: ir.IRBuilder, vs):
+    """n float vectors of LANES lanes (n a power of 2 <= LANES) -> one <n x float>, lane j = the sum of
+    vs[j]'s lanes. Each level adds the two halves of every group of lanes of a pair of vectors side by
+    side (groups of 16 -> 8 -> 4 ... lanes, one vector holding n groups), then halves the groups within
+    that vector down to one lane each: 15 adds for 16 vectors, where 16 _hsum take 64 (and as many
+    shuffles). The GEMM tile's per-row sums and decode attention's scores come out this way."""
+    n = len(vs)
+
+    def pair(a, b, lo, off):
         idx = ir.VectorType(ir.IntType(32), len(lo))
         return builder.fadd(builder.shuffle_vector(a, b, ir.Constant(idx, lo)),
-                            builder.shuffle_vector(a, b, ir.Constant(idx, hi)))
-    halves = (list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))
-    ab, cd = pair(vs[0], vs[1], *halves), pair(vs[2], vs[3], *halves)
-    quarters = [i + o for o in (0, 8, 16, 24) for i in range(4)]
-    v = pair(ab, cd, quarters, [q + 4 for q in quarters])  # lanes 4i..4i+3: vector i's partial sums
-    v = pair(v, v, list(range(0, 16, 2)), list(range(1, 16, 2)))  # 8 lanes: 2i, 2i + 1 are vector i's
-    return pair(v, v, [0, 2, 4, 6], [1, 3, 5, 7])
+                            builder.shuffle_vector(a, b, ir.Constant(idx, [x + off for x in lo])))
+    w = LANES // 2
+    while len(vs) > 1:
+        lo = [g * 2 * w + i for g in range(LANES // w) for i in range(w)]
+        vs = [pair(a, b, lo, w) for a, b in zip(vs[0::2], vs[1::2])]
+        w //= 2
+    v, g = vs[0], LANES // n  # vector j's partial sums in lanes g j .. g j + g - 1
+    while g > 1:
+        v = pair(v, v, [j * g + i for j in range(n) for i in range(g // 2)], g // 2)
+        g //= 2
+    return v
 
 
 def _load(builder: ir.IRBuilder, base, offset, vtype, align: int):
@@ -124,7 +130,7 @@ def _prefetch(builder: ir.IRBuilder, row, off, w_stride, elem) -> None:
     """Ask for the cache line PREFETCH_ROWS rows below row[off] (llvm.prefetch: a hint, never a fault,
     so past the matrix's end is harmless). Weights come from memory one row after the next; with more
     work per byte (bf16, int8) the core's own lookahead covers too few lines to keep memory busy."""
-    name = "llvm.prefetch.p0i8" if not _OPAQUE else "llvm.prefetch.p0"
+    name = "llvm.prefetch.p0i8"  # typed-pointer name; LLVM upgrades it where pointers are opaque
     i8p, i32 = _I8.as_pointer(), ir.IntType(32)
     fn = builder.module.globals.get(name) or ir.Function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name)
@@ -247,9 +253,9 @@ def _codegen_tile(mr: int, nr: int, kind: str, lanes: int):
         for m in range(mr):
             row = _row_ptr(builder, outp, o_stride, m, _F32)
             accs = finals[m * nr:(m + 1) * nr]
-            if nr == 4 and lanes == 16:  # one tree for the row's 4 sums, one 16-byte store
-                builder.store(_hsum4(builder, accs), builder.bitcast(row, ir.VectorType(_F32, 4).as_pointer()),
-                              align=4)
+            if nr == 4 and lanes == LANES:  # one tree for the row's 4 sums, one 16-byte store
+                builder.store(_transpose_sum(builder, accs),
+                              builder.bitcast(row, ir.VectorType(_F32, 4).as_pointer()), align=4)
                 continue
             for n in range(nr):
                 builder.store(_hsum(builder, accs[n]), builder.gep(row, [ir.Constant(_I64, n)]), align=4)

@@ -5,8 +5,7 @@ softmax a key at a time and reloads the accumulator for every 4 keys: ~11 GF/s, 
 q8_0 decode step on the Intel Xeon of docs/results.md (`benchmarks/decode_breakdown.py --batch 16`). `attend16` keeps the work in registers:
 
     scores    16 accumulators (one per key) of q[d:d+16] * k_j[d:d+16] over d, then one transpose-and-add
-              tree turns them into a single vector s, lane j = key j's score (15 adds where 16 lane
-              sums take 128 instructions)
+              tree (cpu_simd._transpose_sum) turns them into a single vector s, lane j = key j's score
     softmax   the block's max, the running max m and sum l updated once, p = exp(s - m) as a vector
     P @ V     acc[d:d+16] = alpha * acc[d:d+16] + sum over j of p_j * v_j[d:d+16], p_j broadcast from p
 
@@ -22,7 +21,8 @@ from numba import types
 from numba.extending import intrinsic
 
 from cupaged.backend.cpu_math import LOG2E
-from cupaged.backend.cpu_simd import _F32, _I32, _I64, _VF, LANES, _accumulate, _fmuladd, _hsum, _splat
+from cupaged.backend.cpu_simd import (_F32, _I32, _I64, _VF, LANES, _accumulate, _fmuladd, _hsum, _splat,
+                                      _transpose_sum)
 
 KEYS = 16  # keys per call: one vector of scores
 # cpu_math.exp_f32's coefficients of 2**f on [-1/2, 1/2], highest degree first
@@ -50,20 +50,6 @@ def _exp(builder: ir.IRBuilder, x):
     bits = builder.shl(builder.add(builder.fptosi(n, vi), ir.Constant(vi, [127] * LANES)),
                        ir.Constant(vi, [23] * LANES))
     return builder.fmul(p, builder.bitcast(bits, _VF))
-
-
-def _transpose_sum(builder: ir.IRBuilder, vs):
-    """16 vectors -> one, lane j = the sum of vs[j]'s lanes: each level adds the two halves of every
-    group of lanes of a pair of vectors, side by side (groups of 16 -> 8 -> 4 -> 2 -> 1 lanes)."""
-    w = LANES // 2
-    while len(vs) > 1:
-        lo = [g * 2 * w + i for g in range(LANES // w) for i in range(w)]
-        idx = ir.VectorType(ir.IntType(32), LANES)
-        vs = [builder.fadd(builder.shuffle_vector(a, b, ir.Constant(idx, lo)),
-                           builder.shuffle_vector(a, b, ir.Constant(idx, [x + w for x in lo])))
-              for a, b in zip(vs[0::2], vs[1::2])]
-        w //= 2
-    return vs[0]
 
 
 def _hmax(builder: ir.IRBuilder, v):

@@ -54,7 +54,8 @@ class ModelRunner:
         fault costs ~1 ns a byte on the Intel VM of docs/results.md: 23 ms of a first 512-token
         prefill. A benchmark calls this to time a warm server, as llama.cpp clears its KV cache when it
         makes a context, before any timing."""
-        n = min(num_blocks, self.kv_caches[0][0].shape[0]) if self.kv_caches else 0
+        # max(0, ...): a negative count touches nothing (k[:-1] would be all blocks but one)
+        n = max(0, min(num_blocks, self.kv_caches[0][0].shape[0])) if self.kv_caches else 0
         for k, v in self.kv_caches:
             k[:n] = 0
             v[:n] = 0

@@ -69,6 +69,8 @@ def test_no_swap_pool_without_host_blocks():
 def test_touch_kv_blocks_zeroes_the_first_blocks_of_every_layer_and_stops_at_the_pool():
     runner = ModelRunner.__new__(ModelRunner)  # only the KV pool is under test
     runner.kv_caches = [(np.ones((5, 2, 1, 4), np.float32), np.ones((5, 2, 1, 4), np.float32)) for _ in range(2)]
+    runner.touch_kv_blocks(-1)  # nothing, not all but the last block
+    assert all((k == 1).all() and (v == 1).all() for k, v in runner.kv_caches)
     runner.touch_kv_blocks(3)
     for k, v in runner.kv_caches:
         assert not k[:3].any() and not v[:3].any() and (k[3:] == 1).all() and (v[3:] == 1).all()
